@@ -1,0 +1,61 @@
+# jlad: every command a developer or CI needs. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+DATA ?= ../shared/data
+MODELS := models/objects/1/manifest.json models/faces/1/manifest.json
+CHECKPOINTS := $(wildcard checkpoints/*/model.safetensors checkpoints/*/config.json)
+
+.PHONY: help setup models run test lint typecheck unit train-objects train-faces evaluate bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU build is on local disk; unpinned it would pull CUDA.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[serve,train,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install everything (service, training, tests)
+
+$(MODELS) &: $(STAMP) $(CHECKPOINTS) model_export/*.py
+	$(PY) -m model_export.export --checkpoints checkpoints --out models
+
+models: $(MODELS)  ## export the committed checkpoints to ONNX under models/
+
+run: setup models  ## run the service on its defaults (http://127.0.0.1:8000/docs)
+	$(PY) -m service
+
+lint:  $(STAMP) ## ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check service client model_export tests bench
+
+typecheck: $(STAMP)  ## mypy on service/ and the client
+	$(BIN)/mypy
+
+unit: setup models  ## pytest only
+	$(BIN)/pytest -q
+
+test: setup models lint typecheck  ## everything CI runs: lint, types, tests
+	$(BIN)/pytest -q
+
+train-objects: setup  ## train the default `objects` model (DATA=path to the data sets)
+	$(PY) -m model_export.train --config configs/objects.yaml --data $(DATA)/caltech101 --out checkpoints/objects
+
+train-faces: setup  ## train the default `faces` model
+	$(PY) -m model_export.train --config configs/faces.yaml --data $(DATA)/mtfl-train --out checkpoints/faces
+
+evaluate: setup  ## evaluate both default checkpoints on the data sets
+	$(PY) -m model_export.evaluate all --checkpoints checkpoints --data $(DATA) --out runs/eval
+
+bench: setup models  ## benchmarks on this machine (see bench/README.md)
+	$(PY) -m bench.run_all --out runs/bench
+
+clean:
+	rm -rf models runs .pytest_cache .mypy_cache .ruff_cache

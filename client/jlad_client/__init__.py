@@ -1,0 +1,1 @@
+"""jlad client: talk to a jlad service, and the small numpy helpers every part shares."""
