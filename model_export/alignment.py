@@ -1,0 +1,89 @@
+"""The semantic alignment network: W_A (transformation field tau) and W_C (uncertainty).
+
+Cross-similarity (eq. 1) -> a base field by soft-argmax over the target cells -> an
+encoder-decoder W_A that predicts a residual correction -> tau as a `mapping`: for each
+source cell, the normalised (x, y) of its match in the target. W_C predicts s = log(sigma)
+per source cell from the decoder's features and how peaked the matching distribution is.
+
+Choice: starting from the soft-argmax field means an untrained W_A already matches like
+nearest neighbours; training moves the features (adapter) and the residual.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model_export.geometry import cell_centres
+from model_export.similarity import cosine_cross_similarity
+
+
+def soft_argmax_mapping(similarity: Tensor, beta: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Expected target position of each source cell under softmax(beta * similarity).
+
+    similarity (B, ht*wt, h, w) -> mapping (B, 2, h, w), peak probability (B, 1, h, w).
+    The target grid has the source grid's shape (one input size per model).
+    """
+    b, n, h, w = similarity.shape
+    ht, wt = _target_grid(n, h, w)
+    prob = torch.softmax(similarity * beta, dim=1)
+    grid = cell_centres(ht, wt, like=similarity).reshape(n, 2)
+    mapping = torch.einsum("bnhw,nc->bchw", prob, grid)
+    return mapping, prob.amax(dim=1, keepdim=True)
+
+
+def _target_grid(n: int, h: int, w: int) -> tuple[int, int]:
+    # Source and target grids have the same shape in every model (one input size per
+    # export); checking keeps a mismatch from silently scrambling coordinates.
+    if n != h * w:
+        raise ValueError(f"target grid of {n} cells does not match source grid {h}x{w}")
+    return h, w
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.ReLU(inplace=True))
+
+
+class SemanticAligner(nn.Module):
+    """W_A + W_C: (source, target) features (B, C, h, w) -> mapping (B, 2, h, w),
+    log_sigma (B, 1, h, w), confidence = sigmoid(-log_sigma) (B, 1, h, w).
+    """
+
+    def __init__(self, grid_size: tuple[int, int], width: int = 128,
+                 beta: float = 30.0, max_residual: float = 0.25) -> None:
+        super().__init__()
+        h, w = grid_size
+        if h % 4 or w % 4:
+            raise ValueError(f"feature grid {h}x{w} must be divisible by 4")
+        self.log_beta = nn.Parameter(torch.tensor(math.log(beta)))
+        self.max_residual = max_residual
+        # 1x1 first: the volume has h*w channels, and a 3x3 on it would dominate the cost.
+        self.enc1 = nn.Sequential(nn.Conv2d(h * w, width, 1), nn.ReLU(inplace=True),
+                                  _conv(width, width))
+        self.enc2 = _conv(width, width, 2)
+        self.enc3 = _conv(width, width, 2)
+        self.dec2 = _conv(2 * width, width)
+        self.dec1 = _conv(2 * width, width)
+        self.residual = nn.Conv2d(width, 2, 3, padding=1)
+        # Zero start: the untrained field is exactly the soft-argmax one.
+        nn.init.zeros_(self.residual.weight)
+        nn.init.zeros_(self.residual.bias)
+        self.uncertainty = nn.Sequential(_conv(width + 1, 64), nn.Conv2d(64, 1, 3, padding=1))
+
+    def forward(self, source: Tensor, target: Tensor) -> dict[str, Tensor]:
+        raw = cosine_cross_similarity(source, target)
+        base, peak = soft_argmax_mapping(raw, self.log_beta.exp())
+        volume = F.relu(raw)
+        volume = volume / (volume.norm(dim=1, keepdim=True) + 1e-6)
+        e1 = self.enc1(volume)
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        d2 = self.dec2(torch.cat([F.interpolate(e3, scale_factor=2.0), e2], dim=1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], dim=1))
+        mapping = base + self.max_residual * torch.tanh(self.residual(d1))
+        log_sigma = self.uncertainty(torch.cat([d1, peak], dim=1))
+        return {"mapping": mapping, "log_sigma": log_sigma,
+                "confidence": torch.sigmoid(-log_sigma)}

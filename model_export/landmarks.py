@@ -1,0 +1,70 @@
+"""W_D: the landmark detection network.
+
+Self-similarity volume (eq. 1) -> K heatmaps (softmax over space) -> soft-argmax points.
+Choice (MODEL.md allows replacing choices): besides the self-similarity volume, which
+describes local shape, W_D also sees the cell's own (adapted) feature vector, so that it can
+tell apart parts of similar local shape (two eyes vs. two wheels); `use_features=False`
+gives the paper's pure self-similarity input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from model_export.geometry import cell_centres
+from model_export.similarity import self_similarity
+
+
+def spatial_softmax(logits: Tensor) -> Tensor:
+    """Softmax over the spatial axes of (B, K, h, w): each map sums to one."""
+    b, k, h, w = logits.shape
+    return torch.softmax(logits.reshape(b, k, h * w), dim=-1).reshape(b, k, h, w)
+
+
+def soft_argmax(heatmaps: Tensor) -> Tensor:
+    """Expected normalised (x, y) of each heatmap: (B, K, h, w) -> (B, K, 2)."""
+    h, w = heatmaps.shape[-2:]
+    grid = cell_centres(h, w, like=heatmaps)  # (h, w, 2)
+    return torch.einsum("bkhw,hwc->bkc", heatmaps, grid)
+
+
+def peak_mass(heatmaps: Tensor, points: Tensor, radius_cells: float = 1.5) -> Tensor:
+    """Confidence of each landmark: the heatmap mass within `radius_cells` cells of its
+    soft-argmax point, in [0, 1]. A peaked map scores near one, a spread one near zero.
+
+    heatmaps (B, K, h, w), points (B, K, 2) -> (B, K).
+    """
+    h, w = heatmaps.shape[-2:]
+    grid = cell_centres(h, w, like=heatmaps)
+    dx = (grid[..., 0][None, None] - points[..., 0, None, None]) * (w / 2)
+    dy = (grid[..., 1][None, None] - points[..., 1, None, None]) * (h / 2)
+    near = (dx * dx + dy * dy <= radius_cells**2).to(heatmaps.dtype)
+    return (heatmaps * near).sum(dim=(-2, -1)).clamp(0.0, 1.0)
+
+
+class LandmarkDetector(nn.Module):
+    """W_D: features (B, C, h, w) -> heatmaps (B, K, h, w), points (B, K, 2), confidence (B, K)."""
+
+    def __init__(self, feature_channels: int, num_landmarks: int = 10, radius: int = 3,
+                 width: int = 128, use_features: bool = True) -> None:
+        super().__init__()
+        self.radius = radius
+        self.use_features = use_features
+        cin = (2 * radius + 1) ** 2 + (feature_channels if use_features else 0)
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, width, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=4, dilation=4), nn.ReLU(inplace=True),
+        )
+        self.head = nn.Conv2d(width, num_landmarks, 1)
+        self.num_landmarks = num_landmarks
+
+    def forward(self, features: Tensor) -> dict[str, Tensor]:
+        x = self_similarity(features, self.radius)
+        if self.use_features:
+            x = torch.cat([x, features], dim=1)
+        heatmaps = spatial_softmax(self.head(self.body(x)))
+        points = soft_argmax(heatmaps)
+        return {"heatmaps": heatmaps, "points": points,
+                "confidence": peak_mass(heatmaps, points)}

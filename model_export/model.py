@@ -1,0 +1,123 @@
+"""The joint model: features once per image, both heads on top.
+
+    image (B, 3, H, W) in [0, 1]
+      -> backbone W_F (frozen ImageNet trunk)        backbone_features (B, C0, h, w)
+      -> adapter (trainable part of W_F)             features (B, C, h, w), unit length
+      -> W_D: landmarks(features)                    heatmaps, points, confidence
+      -> W_A, W_C: align(source, target features)   mapping, log_sigma, confidence
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from model_export.alignment import SemanticAligner
+from model_export.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from model_export.landmarks import LandmarkDetector
+from model_export.similarity import l2_normalise
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes the architecture (saved with every checkpoint)."""
+
+    backbone: str = "efficientnet_lite0"
+    hypercolumn: bool = True
+    input_size: tuple[int, int] = (256, 256)
+    feature_dim: int = 128
+    num_landmarks: int = 10
+    selfsim_radius: int = 3
+    landmark_uses_features: bool = True
+    head_width: int = 128
+    backbone_weights: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "input_size" in known:
+            known["input_size"] = tuple(known["input_size"])
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["input_size"] = list(self.input_size)
+        return out
+
+
+class FeatureAdapter(nn.Module):
+    """Trainable part of W_F: a 1x1 projection with a zero-initialised residual MLP.
+
+    The projection starts orthogonal, which roughly preserves cosine similarities of the
+    backbone features, so the untrained model matches like the frozen backbone does.
+    """
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.project = nn.Conv2d(cin, cout, 1, bias=False)
+        nn.init.orthogonal_(self.project.weight)
+        self.refine = nn.Sequential(nn.Conv2d(cout, cout, 1), nn.ReLU(inplace=True),
+                                    nn.Conv2d(cout, cout, 1))
+        nn.init.zeros_(self.refine[2].weight)
+        nn.init.zeros_(self.refine[2].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.project(x)
+        return l2_normalise(y + self.refine(y))
+
+
+class JLAD(nn.Module):
+    """Joint semantic alignment and landmark detection (Jeon et al., ICCV 2019)."""
+
+    def __init__(self, config: ModelConfig, *, pretrained: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = build_backbone(config.backbone, weights=config.backbone_weights,
+                                       pretrained=pretrained, hypercolumn=config.hypercolumn)
+        self.backbone.requires_grad_(False)
+        h, w = config.input_size
+        if h % 32 or w % 32:
+            raise ValueError(f"input size {h}x{w} must be a multiple of 32")
+        self.grid_size = (h // self.backbone.stride, w // self.backbone.stride)
+        self.adapter = FeatureAdapter(self.backbone.out_channels, config.feature_dim)
+        self.detector = LandmarkDetector(config.feature_dim, config.num_landmarks,
+                                         config.selfsim_radius, config.head_width,
+                                         config.landmark_uses_features)
+        self.aligner = SemanticAligner(self.grid_size, config.head_width)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def train(self, mode: bool = True) -> JLAD:
+        super().train(mode)
+        self.backbone.eval()  # frozen: BatchNorm keeps its ImageNet statistics
+        return self
+
+    def backbone_features(self, image: Tensor) -> Tensor:
+        """(B, 3, H, W) RGB in [0, 1] -> frozen backbone features (B, C0, h, w), unit length."""
+        return l2_normalise(self.backbone((image - self.mean) / self.std))
+
+    def adapt(self, backbone_features: Tensor) -> Tensor:
+        """Backbone features (B, C0, h, w) -> the model's features (B, C, h, w)."""
+        return self.adapter(backbone_features)
+
+    def features(self, image: Tensor) -> Tensor:
+        """(B, 3, H, W) RGB in [0, 1] -> features (B, C, h, w), each cell unit length."""
+        return self.adapt(self.backbone_features(image))
+
+    def landmarks(self, features: Tensor) -> dict[str, Tensor]:
+        """W_D: heatmaps (B, K, h, w), points (B, K, 2) normalised (x, y), confidence (B, K)."""
+        return dict(self.detector(features))
+
+    def align(self, source: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """W_A, W_C: mapping (B, 2, h, w), log_sigma (B, 1, h, w), confidence (B, 1, h, w)."""
+        return dict(self.aligner(source, target))
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """The parameters a checkpoint stores: everything but the frozen backbone."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}

@@ -1,0 +1,333 @@
+"""Training CLI: pre-train each side on synthetic pairs, alternate, then joint training.
+
+    python -m model_export.train --config configs/objects.yaml \
+        --data ../shared/data/caltech101 --out checkpoints/objects
+    python -m model_export.train --config configs/faces.yaml \
+        --data ../shared/data/mtfl-train --out checkpoints/faces --resume
+
+Stages (MODEL.md): `align` (W_F adapter + W_A + W_C on synthetic pairs, supervised by the
+known warp plus eq. 2-3), `landmarks` (W_F adapter + W_D: eq. 6 plus eq. 7 with the known
+warp), `alternate` (one step of each), `joint` (real pairs, eq. 8, alternating which side
+learns with lambdas {1, 10, 10} / {10, 1, 100}; the other side is the teacher, run without
+gradient).
+
+CPU choice: the backbone is frozen, so its features of every training image are computed
+once and cached; synthetic warps are then applied to those feature maps (`warp_feature_pair`).
+Writes checkpoints (safetensors) every `checkpoint_every` iterations and at the end,
+`train_state.pt` for --resume, `history.json` and a loss-curve PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+from tqdm import tqdm
+
+from model_export import losses
+from model_export.checkpoint import save_checkpoint
+from model_export.data import MTFLFaces, list_images, load_image, split_indices
+from model_export.model import JLAD, ModelConfig
+from model_export.warps import WarpConfig, warp_feature_pair
+
+log = logging.getLogger("jlad.train")
+
+STAGE_KINDS = ("align", "landmarks", "alternate", "joint")
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingImages:
+    """Training images resized to the model input, with a group id (class) each."""
+
+    images: Tensor  # (N, 3, H, W) in [0, 1]
+    groups: Tensor  # (N,) int64
+    paths: list[str] = field(default_factory=list)
+
+
+def class_folder_images(root: Path, size: tuple[int, int], per_class: int,
+                        val_fraction: float, seed: int) -> TrainingImages:
+    """Up to `per_class` training-split images of every class folder under `root` (the
+    validation split of `model_export.data.split_indices` is left out)."""
+    images, groups, paths = [], [], []
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    for group, folder in enumerate(tqdm(folders, desc="load classes", unit="class")):
+        files = list_images(folder)
+        train, _ = split_indices(len(files), val_fraction, seed)
+        for index in train[:per_class]:
+            tensor, _ = load_image(files[index], size)
+            images.append(tensor)
+            groups.append(group)
+            paths.append(str(files[index]))
+    if len(images) < 2:
+        raise ValueError(f"{root}: need class folders with images, found {len(images)}")
+    return TrainingImages(torch.stack(images), torch.tensor(groups), paths)
+
+
+def mtfl_images(root: Path, size: tuple[int, int], limit: int, val_fraction: float,
+                seed: int) -> TrainingImages:
+    """MTFL training-split faces (one group: any two faces form a pair)."""
+    faces = MTFLFaces(root, size, split="train", val_fraction=val_fraction, seed=seed,
+                      limit=limit)
+    images = [faces[i]["image"] for i in tqdm(range(len(faces)), desc="load faces")]
+    return TrainingImages(torch.stack(images), torch.zeros(len(images), dtype=torch.long),
+                          [r.path for r in faces.records])
+
+
+def folder_images(root: Path, size: tuple[int, int], limit: int) -> TrainingImages:
+    """Every image under `root` (recursively), one group: synthetic pre-training on any
+    folder of images."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    images = [load_image(p, size)[0] for p in tqdm(files[:limit], desc="load images")]
+    return TrainingImages(torch.stack(images), torch.zeros(len(images), dtype=torch.long),
+                          [str(p) for p in files[:limit]])
+
+
+@torch.no_grad()
+def cache_backbone_features(model: JLAD, images: Tensor, batch: int = 16) -> Tensor:
+    """Frozen backbone features of every image, (N, C0, h, w), kept as float16 to halve
+    the memory."""
+    out = []
+    for start in tqdm(range(0, len(images), batch), desc="cache backbone features",
+                      unit="batch"):
+        out.append(model.backbone_features(images[start : start + batch]).half())
+    return torch.cat(out)
+
+
+def sample_pairs(groups: Tensor, batch: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    """`batch` random ordered pairs of different images from the same group."""
+    by_group: dict[int, list[int]] = {}
+    for i, g in enumerate(groups.tolist()):
+        by_group.setdefault(g, []).append(i)
+    eligible = [members for members in by_group.values() if len(members) >= 2]
+    a, b = [], []
+    for _ in range(batch):
+        members = rng.choice(eligible)
+        i, j = rng.sample(members, 2)
+        a.append(i)
+        b.append(j)
+    return a, b
+
+
+# --- steps -------------------------------------------------------------------------------------
+
+
+def align_step_synthetic(model: JLAD, cached: Tensor, warp: WarpConfig,
+                         gen: torch.Generator) -> dict[str, Tensor]:
+    """Pre-training of {W_F adapter, W_A, W_C}: known warp + eq. 2-3."""
+    pair = warp_feature_pair(cached.float(), warp, gen)
+    fs, ft = model.adapt(pair.source), model.adapt(pair.target)
+    out = model.align(fs, ft)
+    supervised = losses.flow_supervision_loss(out["mapping"], pair.mapping, pair.valid,
+                                              out["log_sigma"])
+    alignment = losses.alignment_loss(fs, ft, out["mapping"], out["log_sigma"])
+    with torch.no_grad():
+        epe = losses.flow_supervision_loss(out["mapping"], pair.mapping, pair.valid)
+    return {"total": supervised + alignment, "flow_epe_cells": epe,
+            "alignment": alignment.detach()}
+
+
+def landmark_step_synthetic(model: JLAD, cached: Tensor, warp: WarpConfig,
+                            gen: torch.Generator) -> dict[str, Tensor]:
+    """Pre-training of {W_F adapter, W_D}: eq. 6 on both images, eq. 7 with the known
+    warp (equivariance: landmarks must move with the image)."""
+    pair = warp_feature_pair(cached.float(), warp, gen)
+    ls = model.landmarks(model.adapt(pair.source))
+    lt = model.landmarks(model.adapt(pair.target))
+    landmark = (losses.landmark_loss(ls["heatmaps"], ls["points"])
+                + losses.landmark_loss(lt["heatmaps"], lt["points"]))
+    joint = losses.joint_loss(ls["points"], lt["points"], pair.mapping)
+    lam = losses.LANDMARK_SIDE
+    return {"total": lam.landmark * landmark + lam.joint * joint,
+            "landmark": landmark.detach(), "joint": joint.detach()}
+
+
+def joint_step(model: JLAD, a: Tensor, b: Tensor, side: str) -> dict[str, Tensor]:
+    """Eq. 8 on real pairs. side='align' updates {W_F, W_A, W_C} with W_D as teacher;
+    side='landmarks' updates {W_F, W_D} with W_A, W_C as teacher."""
+    fa, fb = model.adapt(a.float()), model.adapt(b.float())
+    if side == "align":
+        lam = losses.ALIGNMENT_SIDE
+        with torch.no_grad():
+            la, lb = model.landmarks(fa), model.landmarks(fb)
+        ab, ba = model.align(fa, fb), model.align(fb, fa)
+    else:
+        lam = losses.LANDMARK_SIDE
+        la, lb = model.landmarks(fa), model.landmarks(fb)
+        with torch.no_grad():
+            ab, ba = model.align(fa.detach(), fb.detach()), model.align(fb.detach(), fa.detach())
+    landmark = (losses.landmark_loss(la["heatmaps"], la["points"])
+                + losses.landmark_loss(lb["heatmaps"], lb["points"]))
+    alignment = (losses.alignment_loss(fa, fb, ab["mapping"], ab["log_sigma"])
+                 + losses.alignment_loss(fb, fa, ba["mapping"], ba["log_sigma"]))
+    joint = (losses.joint_loss(la["points"], lb["points"], ab["mapping"], ab["confidence"])
+             + losses.joint_loss(lb["points"], la["points"], ba["mapping"], ba["confidence"]))
+    return {"total": losses.total_loss(landmark, alignment, joint, lam),
+            "landmark": landmark.detach(), "alignment": alignment.detach(),
+            "joint": joint.detach()}
+
+
+# --- loop ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    stage: int = 0
+    iteration: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def run_training(config: dict[str, Any], data: TrainingImages | None, out: Path,
+                 resume: bool = False, cached: Tensor | None = None,
+                 checkpoint_every: int = 200) -> JLAD:
+    """Train a model as `config` says on `data` (or precomputed `cached` backbone features
+    with `data.groups`), writing checkpoints to `out`. Returns the trained model."""
+    seed = int(config.get("seed", 0))
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = JLAD(ModelConfig.from_dict(config["model"]))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                 lr=float(config.get("lr", 5e-4)))
+    state = TrainState()
+    state_path = out / "train_state.pt"
+    if resume and state_path.exists():
+        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        state = TrainState(**saved["state"])
+        rng.setstate(saved["rng"])
+        gen.set_state(saved["gen"])
+        log.info("resumed at stage %d iteration %d", state.stage, state.iteration)
+    if cached is None:
+        assert data is not None
+        cached = cache_backbone_features(model, data.images)
+    assert data is not None
+    groups = data.groups
+    warp = WarpConfig(**config.get("warp", {}))
+    batch = int(config.get("batch_size", 8))
+    stages = config["stages"]
+    model.train()
+    started = time.time()
+    for stage_index in range(state.stage, len(stages)):
+        stage = stages[stage_index]
+        kind = stage["kind"]
+        if kind not in STAGE_KINDS:
+            raise ValueError(f"stage kind {kind!r} not in {STAGE_KINDS}")
+        total_its = int(stage["iterations"])
+        bar = tqdm(range(state.iteration, total_its), desc=stage["name"], unit="it",
+                   initial=state.iteration, total=total_its)
+        for it in bar:
+            step_kind = kind
+            if kind in ("alternate", "joint"):
+                step_kind = ("align" if it % 2 == 0 else "landmarks")
+            if stage.get("data", "synthetic") == "synthetic":
+                idx = torch.randint(len(cached), (batch,), generator=gen)
+                step = align_step_synthetic if step_kind == "align" else landmark_step_synthetic
+                metrics = step(model, cached[idx], warp, gen)
+            else:
+                a, b = sample_pairs(groups, batch, rng)
+                metrics = joint_step(model, cached[a], cached[b], step_kind)
+            optimizer.zero_grad(set_to_none=True)
+            metrics["total"].backward()
+            optimizer.step()
+            record = {"stage": stage_index, "iteration": it, "kind": step_kind,
+                      **{k: float(v) for k, v in metrics.items()}}
+            state.history.append(record)  # type: ignore[arg-type]
+            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
+                             if isinstance(v, float)})
+            state.iteration = it + 1
+            if state.iteration % checkpoint_every == 0:
+                _save(model, optimizer, state, rng, gen, config, out)
+        state.stage, state.iteration = stage_index + 1, 0
+        log.info("stage %s done after %.0f s", stage["name"], time.time() - started)
+    model.eval()
+    _save(model, optimizer, state, rng, gen, config, out)
+    plot_history(state.history, out / "loss_curves.png")
+    return model
+
+
+def _save(model: JLAD, optimizer: torch.optim.Optimizer, state: TrainState, rng: random.Random,
+          gen: torch.Generator, config: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, model, {k: v for k, v in config.items() if k != "model"})
+    torch.save({"model": model.trainable_state(), "optimizer": optimizer.state_dict(),
+                "state": state.__dict__, "rng": rng.getstate(), "gen": gen.get_state()},
+               out / "train_state.pt")
+    (out / "history.json").write_text(json.dumps(state.history))
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss curves (moving average over 20 iterations), one panel per loss term."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in history for k, v in r.items()
+                   if isinstance(v, float) and k not in ("stage", "iteration")})
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        values = np.array([r[key] for r in history if key in r])
+        steps = np.arange(len(values))
+        if len(values) >= 20:
+            values = np.convolve(values, np.ones(20) / 20, mode="valid")
+            steps = steps[19:]
+        ax.plot(steps, values)
+        ax.set_title(key)
+        ax.set_xlabel("step (within the steps that log it)")
+        ax.set_yscale("symlog", linthresh=1e-2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load_training_images(config: dict[str, Any], data_root: Path) -> TrainingImages:
+    size = tuple(config["model"]["input_size"])
+    seed = int(config.get("seed", 0))
+    val = float(config.get("val_fraction", 0.1))
+    kind = config.get("dataset", "folder")
+    if kind == "class_folders":
+        return class_folder_images(data_root, size, int(config.get("images_per_class", 12)),  # type: ignore[arg-type]
+                                   val, seed)
+    if kind == "mtfl":
+        return mtfl_images(data_root, size, int(config.get("max_images", 3000)), val, seed)  # type: ignore[arg-type]
+    return folder_images(data_root, size, int(config.get("max_images", 2000)))  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, required=True, help="YAML training config")
+    parser.add_argument("--data", type=Path, required=True, help="data set root")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory")
+    parser.add_argument("--resume", action="store_true", help="continue from train_state.pt")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    config = yaml.safe_load(args.config.read_text())
+    config["data"] = str(args.data)
+    data = load_training_images(config, args.data)
+    log.info("training on %d images in %d groups", len(data.images),
+             len(set(data.groups.tolist())))
+    run_training(config, data, args.out, resume=args.resume)
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
