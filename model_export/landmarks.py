@@ -39,23 +39,33 @@ def peak_mass(heatmaps: Tensor, points: Tensor, radius_cells: float = 1.5) -> Te
     grid = cell_centres(h, w, like=heatmaps)
     dx = (grid[..., 0][None, None] - points[..., 0, None, None]) * (w / 2)
     dy = (grid[..., 1][None, None] - points[..., 1, None, None]) * (h / 2)
-    near = (dx * dx + dy * dy <= radius_cells**2).to(heatmaps.dtype)
-    return (heatmaps * near).sum(dim=(-2, -1)).clamp(0.0, 1.0)
+    # where() rather than a bool->float cast: the fp16 converter mistypes such casts.
+    near = torch.where(dx * dx + dy * dy <= radius_cells**2, heatmaps, torch.zeros_like(heatmaps))
+    return near.sum(dim=(-2, -1)).clamp(0.0, 1.0)
 
 
 class LandmarkDetector(nn.Module):
     """W_D: features (B, C, h, w) -> heatmaps (B, K, h, w), points (B, K, 2), confidence (B, K)."""
 
-    def __init__(self, feature_channels: int, num_landmarks: int = 10, radius: int = 3,
-                 width: int = 128, use_features: bool = True) -> None:
+    def __init__(
+        self,
+        feature_channels: int,
+        num_landmarks: int = 10,
+        radius: int = 3,
+        width: int = 128,
+        use_features: bool = True,
+    ) -> None:
         super().__init__()
         self.radius = radius
         self.use_features = use_features
         cin = (2 * radius + 1) ** 2 + (feature_channels if use_features else 0)
         self.body = nn.Sequential(
-            nn.Conv2d(cin, width, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=4, dilation=4), nn.ReLU(inplace=True),
+            nn.Conv2d(cin, width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=2, dilation=2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=4, dilation=4),
+            nn.ReLU(inplace=True),
         )
         self.head = nn.Conv2d(width, num_landmarks, 1)
         self.num_landmarks = num_landmarks
@@ -66,5 +76,4 @@ class LandmarkDetector(nn.Module):
             x = torch.cat([x, features], dim=1)
         heatmaps = spatial_softmax(self.head(self.body(x)))
         points = soft_argmax(heatmaps)
-        return {"heatmaps": heatmaps, "points": points,
-                "confidence": peak_mass(heatmaps, points)}
+        return {"heatmaps": heatmaps, "points": points, "confidence": peak_mass(heatmaps, points)}

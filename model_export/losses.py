@@ -25,8 +25,9 @@ def uncertainty_weighted(per_position: Tensor, log_sigma: Tensor) -> Tensor:
     return (per_position * torch.exp(-log_sigma) + log_sigma).mean()
 
 
-def window_cross_entropy(source: Tensor, warped_target: Tensor, window: int = 3,
-                         temperature: float = 0.1) -> Tensor:
+def window_cross_entropy(
+    source: Tensor, warped_target: Tensor, window: int = 3, temperature: float = 0.1
+) -> Tensor:
     """Eq. 2 (per position): cross-entropy of the softmax over a `window` x `window`
     neighbourhood of the warped target, towards its centre.
 
@@ -36,15 +37,27 @@ def window_cross_entropy(source: Tensor, warped_target: Tensor, window: int = 3,
     r = window // 2
     h, w = source.shape[-2:]
     padded = F.pad(warped_target, (r, r, r, r))
-    sims = torch.stack([(source * padded[:, :, dy : dy + h, dx : dx + w]).sum(1)
-                        for dy in range(window) for dx in range(window)], dim=1)
+    sims = torch.stack(
+        [
+            (source * padded[:, :, dy : dy + h, dx : dx + w]).sum(1)
+            for dy in range(window)
+            for dx in range(window)
+        ],
+        dim=1,
+    )
     log_prob = torch.log_softmax(sims / temperature, dim=1)
     centre = (window * window) // 2
     return -log_prob[:, centre : centre + 1]
 
 
-def alignment_loss(source: Tensor, target: Tensor, mapping: Tensor, log_sigma: Tensor,
-                   window: int = 3, temperature: float = 0.1) -> Tensor:
+def alignment_loss(
+    source: Tensor,
+    target: Tensor,
+    mapping: Tensor,
+    log_sigma: Tensor,
+    window: int = 3,
+    temperature: float = 0.1,
+) -> Tensor:
     """Eq. 2-3, alignment loss: warp the target features by tau (grid_sample, so gradients
     reach tau), take the window cross-entropy of eq. 2 at every source cell and weight it by
     the uncertainty as in eq. 3. Source cells whose match falls outside the target are
@@ -55,8 +68,9 @@ def alignment_loss(source: Tensor, target: Tensor, mapping: Tensor, log_sigma: T
     return uncertainty_weighted(per_position * inside, log_sigma)
 
 
-def flow_supervision_loss(mapping: Tensor, true_mapping: Tensor, valid: Tensor,
-                          log_sigma: Tensor | None = None) -> Tensor:
+def flow_supervision_loss(
+    mapping: Tensor, true_mapping: Tensor, valid: Tensor, log_sigma: Tensor | None = None
+) -> Tensor:
     """Pre-training aid (not among the paper's eq. 2-8; MODEL.md allows it on synthetic
     pairs): end-point error between tau and the known warp, in cells, over valid cells,
     uncertainty-weighted like eq. 3 when `log_sigma` is given.
@@ -90,18 +104,21 @@ def separation_loss(points: Tensor, margin: float = 0.05) -> Tensor:
     return F.relu(margin - dist2)[:, off_diagonal].mean()
 
 
-def landmark_loss(heatmaps: Tensor, points: Tensor, margin: float = 0.05,
-                  separation_weight: float = 1.0) -> Tensor:
+def landmark_loss(
+    heatmaps: Tensor, points: Tensor, margin: float = 0.05, separation_weight: float = 1.0
+) -> Tensor:
     """Eq. 6, landmark loss = concentration (eq. 4) + separation (eq. 5)."""
     return concentration_loss(heatmaps) + separation_weight * separation_loss(points, margin)
 
 
-def joint_loss(source_points: Tensor, target_points: Tensor, mapping: Tensor,
-               confidence: Tensor | None = None) -> Tensor:
+def joint_loss(
+    source_points: Tensor, target_points: Tensor, mapping: Tensor, confidence: Tensor | None = None
+) -> Tensor:
     """Eq. 7, joint loss (one direction): source landmarks carried by tau must land on the
     target's landmarks: mean over k of c_k ||phi_k(target) - tau(phi_k(source))||^2, in
-    normalised coordinates (as eq. 5), with c_k the alignment confidence at the source landmark (no gradient through
-    c_k, so only reliable matches teach). Call it for both directions.
+    normalised coordinates (as eq. 5), with c_k the alignment confidence at the source
+    landmark (no gradient through c_k, so only reliable matches teach). Call it for both
+    directions.
 
     source_points, target_points (B, K, 2); mapping (B, 2, h, w); confidence (B, 1, h, w).
     """

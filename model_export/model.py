@@ -1,10 +1,10 @@
 """The joint model: features once per image, both heads on top.
 
-    image (B, 3, H, W) in [0, 1]
-      -> backbone W_F (frozen ImageNet trunk)        backbone_features (B, C0, h, w)
-      -> adapter (trainable part of W_F)             features (B, C, h, w), unit length
-      -> W_D: landmarks(features)                    heatmaps, points, confidence
-      -> W_A, W_C: align(source, target features)   mapping, log_sigma, confidence
+image (B, 3, H, W) in [0, 1]
+  -> backbone W_F (frozen ImageNet trunk)        backbone_features (B, C0, h, w)
+  -> adapter (trainable part of W_F)             features (B, C, h, w), unit length
+  -> W_D: landmarks(features)                    heatmaps, points, confidence
+  -> W_A, W_C: align(source, target features)   mapping, log_sigma, confidence
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ class FeatureAdapter(nn.Module):
         super().__init__()
         self.project = nn.Conv2d(cin, cout, 1, bias=False)
         nn.init.orthogonal_(self.project.weight)
-        self.refine = nn.Sequential(nn.Conv2d(cout, cout, 1), nn.ReLU(inplace=True),
-                                    nn.Conv2d(cout, cout, 1))
+        self.refine = nn.Sequential(
+            nn.Conv2d(cout, cout, 1), nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 1)
+        )
         nn.init.zeros_(self.refine[2].weight)
         nn.init.zeros_(self.refine[2].bias)
 
@@ -76,22 +77,28 @@ class JLAD(nn.Module):
     def __init__(self, config: ModelConfig, *, pretrained: bool = True) -> None:
         super().__init__()
         self.config = config
-        self.backbone = build_backbone(config.backbone, weights=config.backbone_weights,
-                                       pretrained=pretrained, hypercolumn=config.hypercolumn)
+        self.backbone = build_backbone(
+            config.backbone,
+            weights=config.backbone_weights,
+            pretrained=pretrained,
+            hypercolumn=config.hypercolumn,
+        )
         self.backbone.requires_grad_(False)
         h, w = config.input_size
         if h % 32 or w % 32:
             raise ValueError(f"input size {h}x{w} must be a multiple of 32")
         self.grid_size = (h // self.backbone.stride, w // self.backbone.stride)
         self.adapter = FeatureAdapter(self.backbone.out_channels, config.feature_dim)
-        self.detector = LandmarkDetector(config.feature_dim, config.num_landmarks,
-                                         config.selfsim_radius, config.head_width,
-                                         config.landmark_uses_features)
+        self.detector = LandmarkDetector(
+            config.feature_dim,
+            config.num_landmarks,
+            config.selfsim_radius,
+            config.head_width,
+            config.landmark_uses_features,
+        )
         self.aligner = SemanticAligner(self.grid_size, config.head_width)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
-                             persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True) -> JLAD:
         super().train(mode)

@@ -57,8 +57,9 @@ class TrainingImages:
     paths: list[str] = field(default_factory=list)
 
 
-def class_folder_images(root: Path, size: tuple[int, int], per_class: int,
-                        val_fraction: float, seed: int) -> TrainingImages:
+def class_folder_images(
+    root: Path, size: tuple[int, int], per_class: int, val_fraction: float, seed: int
+) -> TrainingImages:
     """Up to `per_class` training-split images of every class folder under `root` (the
     validation split of `model_export.data.split_indices` is left out)."""
     images, groups, paths = [], [], []
@@ -76,14 +77,17 @@ def class_folder_images(root: Path, size: tuple[int, int], per_class: int,
     return TrainingImages(torch.stack(images), torch.tensor(groups), paths)
 
 
-def mtfl_images(root: Path, size: tuple[int, int], limit: int, val_fraction: float,
-                seed: int) -> TrainingImages:
+def mtfl_images(
+    root: Path, size: tuple[int, int], limit: int, val_fraction: float, seed: int
+) -> TrainingImages:
     """MTFL training-split faces (one group: any two faces form a pair)."""
-    faces = MTFLFaces(root, size, split="train", val_fraction=val_fraction, seed=seed,
-                      limit=limit)
+    faces = MTFLFaces(root, size, split="train", val_fraction=val_fraction, seed=seed, limit=limit)
     images = [faces[i]["image"] for i in tqdm(range(len(faces)), desc="load faces")]
-    return TrainingImages(torch.stack(images), torch.zeros(len(images), dtype=torch.long),
-                          [r.path for r in faces.records])
+    return TrainingImages(
+        torch.stack(images),
+        torch.zeros(len(images), dtype=torch.long),
+        [r.path for r in faces.records],
+    )
 
 
 def folder_images(root: Path, size: tuple[int, int], limit: int) -> TrainingImages:
@@ -91,8 +95,11 @@ def folder_images(root: Path, size: tuple[int, int], limit: int) -> TrainingImag
     folder of images."""
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     images = [load_image(p, size)[0] for p in tqdm(files[:limit], desc="load images")]
-    return TrainingImages(torch.stack(images), torch.zeros(len(images), dtype=torch.long),
-                          [str(p) for p in files[:limit]])
+    return TrainingImages(
+        torch.stack(images),
+        torch.zeros(len(images), dtype=torch.long),
+        [str(p) for p in files[:limit]],
+    )
 
 
 @torch.no_grad()
@@ -100,8 +107,7 @@ def cache_backbone_features(model: JLAD, images: Tensor, batch: int = 16) -> Ten
     """Frozen backbone features of every image, (N, C0, h, w), kept as float16 to halve
     the memory."""
     out = []
-    for start in tqdm(range(0, len(images), batch), desc="cache backbone features",
-                      unit="batch"):
+    for start in tqdm(range(0, len(images), batch), desc="cache backbone features", unit="batch"):
         out.append(model.backbone_features(images[start : start + batch]).half())
     return torch.cat(out)
 
@@ -124,34 +130,40 @@ def sample_pairs(groups: Tensor, batch: int, rng: random.Random) -> tuple[list[i
 # --- steps -------------------------------------------------------------------------------------
 
 
-def align_step_synthetic(model: JLAD, cached: Tensor, warp: WarpConfig,
-                         gen: torch.Generator) -> dict[str, Tensor]:
+def align_step_synthetic(
+    model: JLAD, cached: Tensor, warp: WarpConfig, gen: torch.Generator
+) -> dict[str, Tensor]:
     """Pre-training of {W_F adapter, W_A, W_C}: known warp + eq. 2-3."""
     pair = warp_feature_pair(cached.float(), warp, gen)
     fs, ft = model.adapt(pair.source), model.adapt(pair.target)
     out = model.align(fs, ft)
-    supervised = losses.flow_supervision_loss(out["mapping"], pair.mapping, pair.valid,
-                                              out["log_sigma"])
+    supervised = losses.flow_supervision_loss(
+        out["mapping"], pair.mapping, pair.valid, out["log_sigma"]
+    )
     alignment = losses.alignment_loss(fs, ft, out["mapping"], out["log_sigma"])
     with torch.no_grad():
         epe = losses.flow_supervision_loss(out["mapping"], pair.mapping, pair.valid)
-    return {"total": supervised + alignment, "flow_epe_cells": epe,
-            "alignment": alignment.detach()}
+    return {"total": supervised + alignment, "flow_epe_cells": epe, "alignment": alignment.detach()}
 
 
-def landmark_step_synthetic(model: JLAD, cached: Tensor, warp: WarpConfig,
-                            gen: torch.Generator) -> dict[str, Tensor]:
+def landmark_step_synthetic(
+    model: JLAD, cached: Tensor, warp: WarpConfig, gen: torch.Generator
+) -> dict[str, Tensor]:
     """Pre-training of {W_F adapter, W_D}: eq. 6 on both images, eq. 7 with the known
     warp (equivariance: landmarks must move with the image)."""
     pair = warp_feature_pair(cached.float(), warp, gen)
     ls = model.landmarks(model.adapt(pair.source))
     lt = model.landmarks(model.adapt(pair.target))
-    landmark = (losses.landmark_loss(ls["heatmaps"], ls["points"])
-                + losses.landmark_loss(lt["heatmaps"], lt["points"]))
+    landmark = losses.landmark_loss(ls["heatmaps"], ls["points"]) + losses.landmark_loss(
+        lt["heatmaps"], lt["points"]
+    )
     joint = losses.joint_loss(ls["points"], lt["points"], pair.mapping)
     lam = losses.LANDMARK_SIDE
-    return {"total": lam.landmark * landmark + lam.joint * joint,
-            "landmark": landmark.detach(), "joint": joint.detach()}
+    return {
+        "total": lam.landmark * landmark + lam.joint * joint,
+        "landmark": landmark.detach(),
+        "joint": joint.detach(),
+    }
 
 
 def joint_step(model: JLAD, a: Tensor, b: Tensor, side: str) -> dict[str, Tensor]:
@@ -168,15 +180,21 @@ def joint_step(model: JLAD, a: Tensor, b: Tensor, side: str) -> dict[str, Tensor
         la, lb = model.landmarks(fa), model.landmarks(fb)
         with torch.no_grad():
             ab, ba = model.align(fa.detach(), fb.detach()), model.align(fb.detach(), fa.detach())
-    landmark = (losses.landmark_loss(la["heatmaps"], la["points"])
-                + losses.landmark_loss(lb["heatmaps"], lb["points"]))
-    alignment = (losses.alignment_loss(fa, fb, ab["mapping"], ab["log_sigma"])
-                 + losses.alignment_loss(fb, fa, ba["mapping"], ba["log_sigma"]))
-    joint = (losses.joint_loss(la["points"], lb["points"], ab["mapping"], ab["confidence"])
-             + losses.joint_loss(lb["points"], la["points"], ba["mapping"], ba["confidence"]))
-    return {"total": losses.total_loss(landmark, alignment, joint, lam),
-            "landmark": landmark.detach(), "alignment": alignment.detach(),
-            "joint": joint.detach()}
+    landmark = losses.landmark_loss(la["heatmaps"], la["points"]) + losses.landmark_loss(
+        lb["heatmaps"], lb["points"]
+    )
+    alignment = losses.alignment_loss(
+        fa, fb, ab["mapping"], ab["log_sigma"]
+    ) + losses.alignment_loss(fb, fa, ba["mapping"], ba["log_sigma"])
+    joint = losses.joint_loss(
+        la["points"], lb["points"], ab["mapping"], ab["confidence"]
+    ) + losses.joint_loss(lb["points"], la["points"], ba["mapping"], ba["confidence"])
+    return {
+        "total": losses.total_loss(landmark, alignment, joint, lam),
+        "landmark": landmark.detach(),
+        "alignment": alignment.detach(),
+        "joint": joint.detach(),
+    }
 
 
 # --- loop ----------------------------------------------------------------------------------------
@@ -189,9 +207,14 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def run_training(config: dict[str, Any], data: TrainingImages | None, out: Path,
-                 resume: bool = False, cached: Tensor | None = None,
-                 checkpoint_every: int = 200) -> JLAD:
+def run_training(
+    config: dict[str, Any],
+    data: TrainingImages | None,
+    out: Path,
+    resume: bool = False,
+    cached: Tensor | None = None,
+    checkpoint_every: int = 50,
+) -> JLAD:
     """Train a model as `config` says on `data` (or precomputed `cached` backbone features
     with `data.groups`), writing checkpoints to `out`. Returns the trained model."""
     seed = int(config.get("seed", 0))
@@ -199,8 +222,9 @@ def run_training(config: dict[str, Any], data: TrainingImages | None, out: Path,
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     model = JLAD(ModelConfig.from_dict(config["model"]))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                 lr=float(config.get("lr", 5e-4)))
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=float(config.get("lr", 5e-4))
+    )
     state = TrainState()
     state_path = out / "train_state.pt"
     if resume and state_path.exists():
@@ -211,9 +235,15 @@ def run_training(config: dict[str, Any], data: TrainingImages | None, out: Path,
         rng.setstate(saved["rng"])
         gen.set_state(saved["gen"])
         log.info("resumed at stage %d iteration %d", state.stage, state.iteration)
+    cache_path = out / "features_cache.pt"
+    if cached is None and resume and cache_path.exists():
+        cached = torch.load(cache_path, map_location="cpu", weights_only=True)
+        log.info("reusing cached backbone features %s", tuple(cached.shape))
     if cached is None:
         assert data is not None
         cached = cache_backbone_features(model, data.images)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(cached, cache_path)
     assert data is not None
     groups = data.groups
     warp = WarpConfig(**config.get("warp", {}))
@@ -227,12 +257,17 @@ def run_training(config: dict[str, Any], data: TrainingImages | None, out: Path,
         if kind not in STAGE_KINDS:
             raise ValueError(f"stage kind {kind!r} not in {STAGE_KINDS}")
         total_its = int(stage["iterations"])
-        bar = tqdm(range(state.iteration, total_its), desc=stage["name"], unit="it",
-                   initial=state.iteration, total=total_its)
+        bar = tqdm(
+            range(state.iteration, total_its),
+            desc=stage["name"],
+            unit="it",
+            initial=state.iteration,
+            total=total_its,
+        )
         for it in bar:
             step_kind = kind
             if kind in ("alternate", "joint"):
-                step_kind = ("align" if it % 2 == 0 else "landmarks")
+                step_kind = "align" if it % 2 == 0 else "landmarks"
             if stage.get("data", "synthetic") == "synthetic":
                 idx = torch.randint(len(cached), (batch,), generator=gen)
                 step = align_step_synthetic if step_kind == "align" else landmark_step_synthetic
@@ -243,11 +278,14 @@ def run_training(config: dict[str, Any], data: TrainingImages | None, out: Path,
             optimizer.zero_grad(set_to_none=True)
             metrics["total"].backward()
             optimizer.step()
-            record = {"stage": stage_index, "iteration": it, "kind": step_kind,
-                      **{k: float(v) for k, v in metrics.items()}}
+            record = {
+                "stage": stage_index,
+                "iteration": it,
+                "kind": step_kind,
+                **{k: float(v) for k, v in metrics.items()},
+            }
             state.history.append(record)  # type: ignore[arg-type]
-            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
-                             if isinstance(v, float)})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if isinstance(v, float)})
             state.iteration = it + 1
             if state.iteration % checkpoint_every == 0:
                 _save(model, optimizer, state, rng, gen, config, out)
@@ -259,13 +297,27 @@ def run_training(config: dict[str, Any], data: TrainingImages | None, out: Path,
     return model
 
 
-def _save(model: JLAD, optimizer: torch.optim.Optimizer, state: TrainState, rng: random.Random,
-          gen: torch.Generator, config: dict[str, Any], out: Path) -> None:
+def _save(
+    model: JLAD,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    rng: random.Random,
+    gen: torch.Generator,
+    config: dict[str, Any],
+    out: Path,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, model, {k: v for k, v in config.items() if k != "model"})
-    torch.save({"model": model.trainable_state(), "optimizer": optimizer.state_dict(),
-                "state": state.__dict__, "rng": rng.getstate(), "gen": gen.get_state()},
-               out / "train_state.pt")
+    torch.save(
+        {
+            "model": model.trainable_state(),
+            "optimizer": optimizer.state_dict(),
+            "state": state.__dict__,
+            "rng": rng.getstate(),
+            "gen": gen.get_state(),
+        },
+        out / "train_state.pt",
+    )
     (out / "history.json").write_text(json.dumps(state.history))
 
 
@@ -276,8 +328,14 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for r in history for k, v in r.items()
-                   if isinstance(v, float) and k not in ("stage", "iteration")})
+    keys = sorted(
+        {
+            k
+            for r in history
+            for k, v in r.items()
+            if isinstance(v, float) and k not in ("stage", "iteration")
+        }
+    )
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
@@ -302,16 +360,22 @@ def load_training_images(config: dict[str, Any], data_root: Path) -> TrainingIma
     val = float(config.get("val_fraction", 0.1))
     kind = config.get("dataset", "folder")
     if kind == "class_folders":
-        return class_folder_images(data_root, size, int(config.get("images_per_class", 12)),  # type: ignore[arg-type]
-                                   val, seed)
+        return class_folder_images(
+            data_root,
+            size,
+            int(config.get("images_per_class", 12)),  # type: ignore[arg-type]
+            val,
+            seed,
+        )
     if kind == "mtfl":
         return mtfl_images(data_root, size, int(config.get("max_images", 3000)), val, seed)  # type: ignore[arg-type]
     return folder_images(data_root, size, int(config.get("max_images", 2000)))  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", type=Path, required=True, help="YAML training config")
     parser.add_argument("--data", type=Path, required=True, help="data set root")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory")
@@ -323,8 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     config = yaml.safe_load(args.config.read_text())
     config["data"] = str(args.data)
     data = load_training_images(config, args.data)
-    log.info("training on %d images in %d groups", len(data.images),
-             len(set(data.groups.tolist())))
+    log.info("training on %d images in %d groups", len(data.images), len(set(data.groups.tolist())))
     run_training(config, data, args.out, resume=args.resume)
     log.info("wrote %s", args.out)
 

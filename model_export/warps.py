@@ -33,8 +33,7 @@ class WarpConfig:
     flip: bool = False
 
 
-def random_affine(batch: int, cfg: WarpConfig, generator: torch.Generator | None = None
-                  ) -> Tensor:
+def random_affine(batch: int, cfg: WarpConfig, generator: torch.Generator | None = None) -> Tensor:
     """(B, 2, 3) random affine maps of normalised coordinates, centred on identity."""
 
     def uniform(lo: float, hi: float) -> Tensor:
@@ -43,11 +42,15 @@ def random_affine(batch: int, cfg: WarpConfig, generator: torch.Generator | None
     zoom = torch.exp(uniform(-cfg.scale, cfg.scale))
     angle = uniform(-cfg.rotation, cfg.rotation)
     shear = uniform(-cfg.shear, cfg.shear)
-    tx, ty = uniform(-cfg.translation, cfg.translation), uniform(-cfg.translation,
-                                                                  cfg.translation)
+    tx, ty = uniform(-cfg.translation, cfg.translation), uniform(-cfg.translation, cfg.translation)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    a = torch.stack([torch.stack([cos * zoom, -sin * zoom + shear, tx], -1),
-                     torch.stack([sin * zoom, cos * zoom, ty], -1)], dim=1)
+    a = torch.stack(
+        [
+            torch.stack([cos * zoom, -sin * zoom + shear, tx], -1),
+            torch.stack([sin * zoom, cos * zoom, ty], -1),
+        ],
+        dim=1,
+    )
     if cfg.flip:
         flip = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
         a[:, :, 0] = a[:, :, 0] * flip[:, None]
@@ -79,8 +82,9 @@ def tps_transform(points: Tensor, control: Tensor, displaced: Tensor) -> Tensor:
     return u @ coeffs[:, :m] + affine @ coeffs[:, m:]
 
 
-def random_warp_field(batch: int, height: int, width: int, cfg: WarpConfig,
-                      generator: torch.Generator | None = None) -> Tensor:
+def random_warp_field(
+    batch: int, height: int, width: int, cfg: WarpConfig, generator: torch.Generator | None = None
+) -> Tensor:
     """(B, H, W, 2) random backward field G: normalised (x, y) each pixel reads from."""
     grid = cell_centres(height, width).reshape(1, -1, 2).expand(batch, -1, -1)
     affine = random_affine(batch, cfg, generator)
@@ -94,13 +98,14 @@ def random_warp_field(batch: int, height: int, width: int, cfg: WarpConfig,
     return warped.reshape(batch, height, width, 2)
 
 
-def colour_jitter(image: Tensor, cfg: WarpConfig, generator: torch.Generator | None = None
-                  ) -> Tensor:
+def colour_jitter(
+    image: Tensor, cfg: WarpConfig, generator: torch.Generator | None = None
+) -> Tensor:
     """Random brightness, contrast and saturation of (B, 3, H, W) images in [0, 1]."""
     b = image.shape[0]
 
     def factor(strength: float) -> Tensor:
-        return (1 + (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1) * strength)
+        return 1 + (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1) * strength
 
     out = image * factor(cfg.brightness)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
@@ -130,31 +135,37 @@ class SyntheticPair:
     valid: Tensor
 
 
-def make_synthetic_pair(target: Tensor, grid_size: tuple[int, int],
-                        cfg: WarpConfig | None = None,
-                        generator: torch.Generator | None = None) -> SyntheticPair:
+def make_synthetic_pair(
+    target: Tensor,
+    grid_size: tuple[int, int],
+    cfg: WarpConfig | None = None,
+    generator: torch.Generator | None = None,
+) -> SyntheticPair:
     """Warp a batch of images (B, 3, H, W) in [0, 1] into a pair with its true field."""
     cfg = cfg or WarpConfig()
     b, _, h, w = target.shape
     field = random_warp_field(b, h, w, cfg, generator)
-    source = F.grid_sample(target, field, mode="bilinear", padding_mode="zeros",
-                           align_corners=False)
+    source = F.grid_sample(
+        target, field, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     source = colour_jitter(source, cfg, generator)
     mapping = downsample_field(field, grid_size)
     valid = (mapping.abs() < 1).all(dim=1, keepdim=True).to(target.dtype)
     return SyntheticPair(source, target, field, mapping, valid)
 
 
-def warp_feature_pair(features: Tensor, cfg: WarpConfig | None = None,
-                      generator: torch.Generator | None = None) -> SyntheticPair:
+def warp_feature_pair(
+    features: Tensor, cfg: WarpConfig | None = None, generator: torch.Generator | None = None
+) -> SyntheticPair:
     """The same synthetic warp applied to cached backbone feature maps (B, C, h, w) rather
     than images: a cheap stand-in for CPU pre-training (features of a warped image are only
     approximately warped features). `source`/`target` hold features here."""
     cfg = cfg or WarpConfig()
     b, _, h, w = features.shape
     field = random_warp_field(b, h, w, cfg, generator)
-    source = F.grid_sample(features, field, mode="bilinear", padding_mode="zeros",
-                           align_corners=False)
+    source = F.grid_sample(
+        features, field, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     source = source / (source.norm(dim=1, keepdim=True) + 1e-6)
     mapping = field.permute(0, 3, 1, 2)
     valid = (mapping.abs() < 1).all(dim=1, keepdim=True).to(features.dtype)

@@ -18,9 +18,14 @@ RGB = NDArray[np.uint8]
 
 def _colour_wheel() -> NDArray[np.float64]:
     """The Middlebury colour wheel (Baker et al. 2011): 55 hues, RY-YG-GC-CB-BM-MR."""
-    segments = [(15, (255, 0, 0), (255, 255, 0)), (6, (255, 255, 0), (0, 255, 0)),
-                (4, (0, 255, 0), (0, 255, 255)), (11, (0, 255, 255), (0, 0, 255)),
-                (13, (0, 0, 255), (255, 0, 255)), (6, (255, 0, 255), (255, 0, 0))]
+    segments = [
+        (15, (255, 0, 0), (255, 255, 0)),
+        (6, (255, 255, 0), (0, 255, 0)),
+        (4, (0, 255, 0), (0, 255, 255)),
+        (11, (0, 255, 255), (0, 0, 255)),
+        (13, (0, 0, 255), (255, 0, 255)),
+        (6, (255, 0, 255), (255, 0, 0)),
+    ]
     rows = []
     for n, start, end in segments:
         t = np.arange(n)[:, None] / n
@@ -58,8 +63,9 @@ def flow_to_rgb(flow: NDArray[np.floating], max_norm: float | None = None) -> RG
 
 def heat_rgb(values: NDArray[np.floating], vmin: float = 0.0, vmax: float = 1.0) -> RGB:
     """Map a (H, W) array to a dark-blue -> yellow heat map (viridis-like, no matplotlib)."""
-    anchors = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98],
-                        [253, 231, 37]], np.float64)
+    anchors = np.array(
+        [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64
+    )
     t = np.clip((np.asarray(values, np.float64) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
     t = np.nan_to_num(t)
     pos = t * (len(anchors) - 1)
@@ -78,8 +84,12 @@ def palette(n: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def draw_points(image: RGB, points: NDArray[np.floating] | Sequence[Sequence[float]],
-                radius: float | None = None, labels: bool = True) -> RGB:
+def draw_points(
+    image: RGB,
+    points: NDArray[np.floating] | Sequence[Sequence[float]],
+    radius: float | None = None,
+    labels: bool = True,
+) -> RGB:
     """Draw points (N, 2) in pixel coordinates on an RGB image, one colour per index."""
     canvas = Image.fromarray(np.ascontiguousarray(image[..., :3]))
     draw = ImageDraw.Draw(canvas)
@@ -102,9 +112,13 @@ def side_by_side(left: RGB, right: RGB, gap: int = 8) -> tuple[RGB, int]:
     return canvas, left.shape[1] + gap
 
 
-def draw_matches(source: RGB, target: RGB, source_points: NDArray[np.floating],
-                 target_points: NDArray[np.floating],
-                 confidence: NDArray[np.floating] | None = None) -> RGB:
+def draw_matches(
+    source: RGB,
+    target: RGB,
+    source_points: NDArray[np.floating],
+    target_points: NDArray[np.floating],
+    confidence: NDArray[np.floating] | None = None,
+) -> RGB:
     """Draw lines between matched points of two images placed side by side."""
     canvas, offset = side_by_side(source, target)
     img = Image.fromarray(canvas)

@@ -17,8 +17,9 @@ def identity_grid(height: int, width: int) -> NDArray[np.float32]:
     return np.stack([xs, ys], axis=-1)
 
 
-def sample_bilinear(image: NDArray[np.generic], coords: NDArray[np.floating],
-                    fill: float = 0.0) -> NDArray[np.float32]:
+def sample_bilinear(
+    image: NDArray[np.generic], coords: NDArray[np.floating], fill: float = 0.0
+) -> NDArray[np.float32]:
     """Bilinearly sample `image` (H, W) or (H, W, C) at `coords` (..., 2) pixel (x, y).
 
     Positions outside the image get `fill`.
@@ -45,8 +46,9 @@ def sample_bilinear(image: NDArray[np.generic], coords: NDArray[np.floating],
     return out[..., 0] if squeeze else out
 
 
-def sample_nearest(labels: NDArray[np.generic], coords: NDArray[np.floating],
-                   fill: int = 0) -> NDArray[np.generic]:
+def sample_nearest(
+    labels: NDArray[np.generic], coords: NDArray[np.floating], fill: int = 0
+) -> NDArray[np.generic]:
     """Nearest-neighbour sample of a label map (H, W) at `coords` (..., 2): labels are
     copied, never blended. Positions outside the map get `fill`."""
     lab = np.asarray(labels)

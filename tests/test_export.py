@@ -1,0 +1,153 @@
+"""ONNX export: every output of ONNX Runtime (CPU) matches PyTorch, at two input sizes and
+two batch sizes (neither of them the export's example batch), for random and real images;
+the manifest describes the files exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from skimage import data as skdata
+
+from model_export.export import PARITY, export_model, sha256
+from model_export.model import JLAD, ModelConfig
+
+torch.set_num_threads(2)
+
+
+def _model(size: int) -> JLAD:
+    torch.manual_seed(size)
+    model = JLAD(
+        ModelConfig(input_size=(size, size), feature_dim=32, head_width=32, num_landmarks=5)
+    )
+    # a trained-like, non-zero residual so the whole W_A path is exercised
+    with torch.no_grad():
+        model.aligner.residual.weight.normal_(0, 0.02)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=[64, 96], ids=["64px", "96px"])
+def exported(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[JLAD, Path]:
+    model = _model(int(request.param))
+    root = export_model(model, tmp_path_factory.mktemp("repo"), "test", "1")
+    return model, root
+
+
+def _images(batch: int, size: int, real: bool) -> torch.Tensor:
+    if not real:
+        return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+    pictures = [skdata.astronaut(), skdata.chelsea(), skdata.coffee()][:batch]
+    out = []
+    for pic in pictures:
+        t = torch.from_numpy(pic).permute(2, 0, 1)[None].float() / 255
+        out.append(torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear"))
+    return torch.cat(out)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run_all(root: Path, variant: str, images: np.ndarray) -> dict[str, np.ndarray]:
+    dtype = np.float16 if variant == "fp16" else np.float32
+    backbone = _session(root / variant / "backbone.onnx")
+    landmarks = _session(root / variant / "landmarks.onnx")
+    align = _session(root / variant / "align.onnx")
+    (feats,) = backbone.run(None, {"image": images.astype(dtype)})
+    heat, points, conf = landmarks.run(None, {"features": feats})
+    mapping, log_sigma, aconf = align.run(
+        None, {"source_features": feats, "target_features": feats[::-1].copy()}
+    )
+    out = {
+        "features": feats,
+        "heatmaps": heat,
+        "points": points,
+        "landmark_confidence": conf,
+        "mapping": mapping,
+        "log_sigma": log_sigma,
+        "confidence": aconf,
+    }
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def _run_torch(model: JLAD, images: torch.Tensor) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        f = model.features(images)
+        lm = model.landmarks(f)
+        al = model.align(f, f.flip(0))
+    out = {
+        "features": f,
+        "heatmaps": lm["heatmaps"],
+        "points": lm["points"],
+        "landmark_confidence": lm["confidence"],
+        "mapping": al["mapping"],
+        "log_sigma": al["log_sigma"],
+        "confidence": al["confidence"],
+    }
+    return {k: v.numpy() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("real", [False, True], ids=["random", "real"])
+def test_fp32_parity(exported: tuple[JLAD, Path], batch: int, real: bool) -> None:
+    model, root = exported
+    size = model.config.input_size[0]
+    images = _images(batch, size, real)
+    ours, ref = _run_all(root, "fp32", images.numpy()), _run_torch(model, images)
+    tol = PARITY["fp32"]
+    gh, gw = model.grid_size
+    cells = np.array([gw / 2, gh / 2], np.float32).reshape(1, 2, 1, 1)
+    assert ours["mapping"].shape == (batch, 2, gh, gw)
+    assert np.abs((ours["mapping"] - ref["mapping"]) * cells).max() <= tol["mapping_cells"]
+    points_cells = np.abs(ours["points"] - ref["points"]) * cells.reshape(1, 1, 2)
+    assert points_cells.max() <= tol["mapping_cells"]
+    for key in ("heatmaps", "landmark_confidence", "confidence"):
+        assert np.abs(ours[key] - ref[key]).max() <= tol["probabilities"], key
+    assert np.abs(ours["features"] - ref["features"]).max() <= tol["features"]
+    np.testing.assert_allclose(ours["log_sigma"], ref["log_sigma"], atol=1e-3)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fp16_parity(exported: tuple[JLAD, Path], batch: int) -> None:
+    model, root = exported
+    size = model.config.input_size[0]
+    images = _images(batch, size, real=True)
+    ours, ref = _run_all(root, "fp16", images.numpy()), _run_torch(model, images)
+    tol = PARITY["fp16"]
+    gh, gw = model.grid_size
+    cells = np.array([gw / 2, gh / 2], np.float32).reshape(1, 2, 1, 1)
+    err = np.abs((ours["mapping"] - ref["mapping"]) * cells)
+    # fp16 similarity volumes can flip near-ties: bound the median and the 99th percentile
+    assert np.median(err) <= tol["mapping_cells"] / 5
+    assert np.percentile(err, 99) <= tol["mapping_cells"] * 4
+    assert np.abs(ours["features"] - ref["features"]).max() <= tol["features"]
+    assert np.abs(ours["confidence"] - ref["confidence"]).max() <= tol["probabilities"] * 5
+
+
+def test_manifest_describes_the_files(exported: tuple[JLAD, Path]) -> None:
+    model, root = exported
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["schema"] == "jlad.manifest/1"
+    assert manifest["input"]["height"] == model.config.input_size[0]
+    assert manifest["features"]["height"] == model.grid_size[0]
+    assert manifest["num_landmarks"] == 5
+    for variant in ("fp32", "fp16"):
+        for graph in ("backbone", "landmarks", "align"):
+            entry = manifest["variants"][variant][graph]
+            assert entry["sha256"] == sha256(root / entry["path"])
+            names = [i.name for i in _session(root / entry["path"]).get_inputs()]
+            assert names == manifest["graphs"][graph]["inputs"]
+
+
+def test_batch_axis_is_dynamic_in_every_graph(exported: tuple[JLAD, Path]) -> None:
+    _, root = exported
+    for graph in ("backbone", "landmarks", "align"):
+        sess = _session(root / "fp32" / f"{graph}.onnx")
+        for tensor in [*sess.get_inputs(), *sess.get_outputs()]:
+            assert isinstance(tensor.shape[0], str), (graph, tensor.name, tensor.shape)

