@@ -21,7 +21,8 @@ from model_export.geometry import cell_centres
 from model_export.similarity import cosine_cross_similarity
 
 
-def soft_argmax_mapping(similarity: Tensor, beta: Tensor | float) -> tuple[Tensor, Tensor]:
+def soft_argmax_mapping(similarity: Tensor, beta: Tensor | float,
+                        grid_size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Expected target position of each source cell under softmax(beta * similarity).
 
     similarity (B, ht*wt, h, w) -> mapping (B, 2, h, w), peak probability (B, 1, h, w).
@@ -61,6 +62,7 @@ class SemanticAligner(nn.Module):
     ) -> None:
         super().__init__()
         h, w = grid_size
+        self.grid_size = (int(h), int(w))
         if h % 4 or w % 4:
             raise ValueError(f"feature grid {h}x{w} must be divisible by 4")
         self.log_beta = nn.Parameter(torch.tensor(math.log(beta)))
@@ -81,7 +83,7 @@ class SemanticAligner(nn.Module):
 
     def forward(self, source: Tensor, target: Tensor) -> dict[str, Tensor]:
         raw = cosine_cross_similarity(source, target)
-        base, peak = soft_argmax_mapping(raw, self.log_beta.exp())
+        base, peak = soft_argmax_mapping(raw, self.log_beta.exp(), self.grid_size)
         volume = F.relu(raw)
         volume = volume / (volume.norm(dim=1, keepdim=True) + 1e-6)
         e1 = self.enc1(volume)

@@ -127,7 +127,7 @@ class EfficientNetLite0(Backbone):
             x = block(x)
             if i in self.taps:
                 outs.append(x)
-        return _hypercolumn(outs)
+        return _hypercolumn(outs, [self.TAP_STRIDES[t] for t in self.taps])
 
     def load_imagenet(self, path: str | Path | None = None) -> None:
         """Load the ImageNet state dict from the installed wheel (or a local file)."""
@@ -145,7 +145,7 @@ class EfficientNetLite0(Backbone):
         self.load_state_dict({k: state[k] for k in own})
 
 
-def _hypercolumn(maps: list[Tensor]) -> Tensor:
+def _hypercolumn(maps: list[Tensor], strides: list[int]) -> Tensor:
     """Upsample every map to the first (finest) one's grid and concatenate channels.
 
     Each depth is L2-normalised per cell first (and the whole divided by sqrt(depths)), so
@@ -155,10 +155,9 @@ def _hypercolumn(maps: list[Tensor]) -> Tensor:
     if len(maps) == 1:
         return maps[0]
     maps = [m / (m.norm(dim=1, keepdim=True) + 1e-6) / len(maps) ** 0.5 for m in maps]
-    base_h = maps[0].shape[-2]
     out = [maps[0]]
-    for m in maps[1:]:
-        factor = base_h // m.shape[-2]
+    for m, stride in zip(maps[1:], strides[1:], strict=True):
+        factor = stride // strides[0]
         out.append(
             F.interpolate(m, scale_factor=float(factor), mode="bilinear", align_corners=False)
         )

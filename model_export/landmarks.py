@@ -22,20 +22,31 @@ def spatial_softmax(logits: Tensor) -> Tensor:
     return torch.softmax(logits.reshape(b, k, h * w), dim=-1).reshape(b, k, h, w)
 
 
-def soft_argmax(heatmaps: Tensor) -> Tensor:
-    """Expected normalised (x, y) of each heatmap: (B, K, h, w) -> (B, K, 2)."""
+def _grid_size(heatmaps: Tensor, grid_size: tuple[int, int] | None) -> tuple[int, int]:
+    # Modules pass their grid size as Python ints so that the exported graph holds constant
+    # coordinate grids instead of float casts of traced shapes (which the fp16 converter
+    # mistypes). The input resolution is fixed per export anyway; the batch axis stays free.
+    if grid_size is not None:
+        return grid_size
     h, w = heatmaps.shape[-2:]
+    return int(h), int(w)
+
+
+def soft_argmax(heatmaps: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
+    """Expected normalised (x, y) of each heatmap: (B, K, h, w) -> (B, K, 2)."""
+    h, w = _grid_size(heatmaps, grid_size)
     grid = cell_centres(h, w, like=heatmaps)  # (h, w, 2)
     return torch.einsum("bkhw,hwc->bkc", heatmaps, grid)
 
 
-def peak_mass(heatmaps: Tensor, points: Tensor, radius_cells: float = 1.5) -> Tensor:
+def peak_mass(heatmaps: Tensor, points: Tensor, radius_cells: float = 1.5,
+              grid_size: tuple[int, int] | None = None) -> Tensor:
     """Confidence of each landmark: the heatmap mass within `radius_cells` cells of its
     soft-argmax point, in [0, 1]. A peaked map scores near one, a spread one near zero.
 
     heatmaps (B, K, h, w), points (B, K, 2) -> (B, K).
     """
-    h, w = heatmaps.shape[-2:]
+    h, w = _grid_size(heatmaps, grid_size)
     grid = cell_centres(h, w, like=heatmaps)
     dx = (grid[..., 0][None, None] - points[..., 0, None, None]) * (w / 2)
     dy = (grid[..., 1][None, None] - points[..., 1, None, None]) * (h / 2)

@@ -24,9 +24,19 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return Path(override)
     out = tmp_path_factory.mktemp("models")
     subprocess.run(
-        [sys.executable, "-m", "model_export.export", "--checkpoints", str(ROOT / "checkpoints"),
-         "--out", str(out)],
-        check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "model_export.export",
+            "--checkpoints",
+            str(ROOT / "checkpoints"),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     return out

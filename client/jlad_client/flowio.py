@@ -45,4 +45,6 @@ def write_flo(path: str | Path, flow: NDArray[np.floating]) -> None:
 def valid_flow_mask(flow: NDArray[np.floating]) -> NDArray[np.bool_]:
     """(H, W) mask of pixels whose flow is known (finite and below the unknown marker)."""
     finite = np.isfinite(flow).all(axis=-1)
-    return finite & (np.abs(np.nan_to_num(flow)).max(axis=-1) < FLO_UNKNOWN_THRESHOLD)
+    known: NDArray[np.bool_] = np.abs(np.nan_to_num(flow)).max(axis=-1) < FLO_UNKNOWN_THRESHOLD
+    both: NDArray[np.bool_] = finite & known
+    return both

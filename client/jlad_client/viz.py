@@ -58,7 +58,8 @@ def flow_to_rgb(flow: NDArray[np.floating], max_norm: float | None = None) -> RG
     colour = (1 - frac) * _WHEEL[i0] + frac * _WHEEL[i1]
     colour = 1 - norm[..., None] * (1 - colour)
     colour[~valid] = 0
-    return (colour * 255).round().astype(np.uint8)
+    rgb: RGB = (colour * 255).round().astype(np.uint8)
+    return rgb
 
 
 def heat_rgb(values: NDArray[np.floating], vmin: float = 0.0, vmax: float = 1.0) -> RGB:
@@ -71,7 +72,8 @@ def heat_rgb(values: NDArray[np.floating], vmin: float = 0.0, vmax: float = 1.0)
     pos = t * (len(anchors) - 1)
     i0 = np.minimum(np.floor(pos).astype(int), len(anchors) - 2)
     frac = (pos - i0)[..., None]
-    return ((1 - frac) * anchors[i0] + frac * anchors[i0 + 1]).round().astype(np.uint8)
+    rgb: RGB = ((1 - frac) * anchors[i0] + frac * anchors[i0 + 1]).round().astype(np.uint8)
+    return rgb
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:

@@ -43,7 +43,8 @@ def sample_bilinear(
     bottom = img[y1, x0] * (1 - fx) + img[y1, x1] * fx
     out = top * (1 - fy) + bottom * fy
     out[~inside] = fill
-    return out[..., 0] if squeeze else out
+    result: NDArray[np.float32] = out[..., 0] if squeeze else out
+    return result
 
 
 def sample_nearest(
@@ -56,7 +57,7 @@ def sample_nearest(
     x = np.rint(coords[..., 0]).astype(np.int64)
     y = np.rint(coords[..., 1]).astype(np.int64)
     inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
-    out = lab[np.clip(y, 0, height - 1), np.clip(x, 0, width - 1)].copy()
+    out: NDArray[np.generic] = lab[np.clip(y, 0, height - 1), np.clip(x, 0, width - 1)].copy()
     out[~inside] = fill
     return out
 

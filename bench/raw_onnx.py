@@ -1,0 +1,225 @@
+"""The raw baseline: a plain ONNX Runtime loop over pre-decoded inputs, no HTTP, no batcher.
+
+It runs the same graphs the service runs for each endpoint:
+
+- `landmarks`: `backbone` on B images, then `landmarks` on their features;
+- `correspond`: `backbone` on the 2B images of B (source, target) pairs in one run, then
+  `align` on the B pairs,
+
+with the session options the service uses (`intra_op_num_threads` = JLAD_INTRA_OP_THREADS,
+one inter-op thread). Per batch size it reports items per second (images for `landmarks`,
+pairs for `correspond`) and the per-batch latency (p50/p95/p99).
+
+    python -m bench.raw_onnx --model-dir models --model objects --batches 1,2,4,8,16 \
+        --pair-batches 1,2,4,8 --seconds 2 --out runs/bench/raw
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+from tqdm import tqdm
+
+from bench.common import latency_summary, machine_info, parse_int_list, write_json
+from service.runtime import GRAPHS, find_models, resolve_providers
+
+log = logging.getLogger("bench.raw_onnx")
+
+ENDPOINTS = ("landmarks", "correspond")
+
+
+@dataclass
+class RawPoint:
+    """One batch size of one endpoint, measured."""
+
+    endpoint: str
+    batch: int  # jobs per run: images for landmarks, (source, target) pairs for correspond
+    images: int  # images through the backbone per run
+    iterations: int
+    seconds: float
+    items_per_s: float  # images/s (landmarks) or pairs/s (correspond)
+    images_per_s: float
+    latency: dict[str, float | None] = field(default_factory=dict)  # per batch, ms
+
+
+class RawGraphs:
+    """The three ONNX Runtime sessions of one exported model, opened as the service opens
+    them, and the two graph chains the endpoints run."""
+
+    def __init__(
+        self, model_dir: Path, model: str, precision: str, providers: str, threads: int
+    ) -> None:
+        info = find_models(model_dir, [model])[model]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        provider_list = resolve_providers(providers, ort.get_available_providers())
+        self.sessions = {
+            graph: ort.InferenceSession(
+                str(info.graph_path(precision, graph)[0]),
+                sess_options=options,
+                providers=provider_list,
+            )
+            for graph in GRAPHS
+        }
+        self.provider = self.sessions["backbone"].get_providers()[0]
+        self.dtype = (
+            np.float16
+            if self.sessions["backbone"].get_inputs()[0].type == "tensor(float16)"
+            else np.float32
+        )
+        self.input_size = info.input_size
+        self.model = f"{info.name}/{info.version}"
+        self.precision = precision
+
+    def images(self, count: int, seed: int = 0) -> NDArray[Any]:
+        """`(count, 3, H, W)` pre-decoded model inputs in [0, 1], in the graphs' dtype."""
+        h, w = self.input_size
+        rng = np.random.default_rng(seed)
+        return rng.random((count, 3, h, w), dtype=np.float32).astype(self.dtype)
+
+    def _run(self, graph: str, feed: dict[str, NDArray[Any]]) -> list[NDArray[Any]]:
+        outputs: list[NDArray[Any]] = self.sessions[graph].run(None, feed)
+        return outputs
+
+    def landmarks(self, images: NDArray[Any]) -> list[NDArray[Any]]:
+        """`images (B, 3, H, W)` -> landmark outputs (heatmaps, points, confidence)."""
+        features = self._run("backbone", {"image": images})[0]
+        return self._run("landmarks", {"features": features})
+
+    def correspond(self, images: NDArray[Any]) -> list[NDArray[Any]]:
+        """`images (2B, 3, H, W)`, sources at even rows and targets at odd rows (as the
+        service stacks them) -> alignment outputs (mapping, log_sigma, confidence)."""
+        features = self._run("backbone", {"image": images})[0]
+        return self._run(
+            "align", {"source_features": features[0::2], "target_features": features[1::2]}
+        )
+
+
+def measure(
+    graphs: RawGraphs,
+    endpoint: str,
+    batch: int,
+    *,
+    min_seconds: float,
+    min_iterations: int = 3,
+    max_iterations: int = 1000,
+) -> RawPoint:
+    """Run `endpoint`'s graphs on batches of `batch` jobs until `min_seconds` passed and at
+    least `min_iterations` batches ran (after one unmeasured warm-up batch)."""
+    images_per_job = 1 if endpoint == "landmarks" else 2
+    run = graphs.landmarks if endpoint == "landmarks" else graphs.correspond
+    inputs = graphs.images(batch * images_per_job)
+    run(inputs)  # first run of a shape allocates
+    durations: list[float] = []
+    started = time.perf_counter()
+    while len(durations) < max_iterations and (
+        len(durations) < min_iterations or time.perf_counter() - started < min_seconds
+    ):
+        t0 = time.perf_counter()
+        run(inputs)
+        durations.append(time.perf_counter() - t0)
+    total = sum(durations)
+    return RawPoint(
+        endpoint=endpoint,
+        batch=batch,
+        images=batch * images_per_job,
+        iterations=len(durations),
+        seconds=total,
+        items_per_s=batch * len(durations) / total,
+        images_per_s=batch * images_per_job * len(durations) / total,
+        latency=latency_summary(durations),
+    )
+
+
+def measure_all(
+    graphs: RawGraphs,
+    batches: dict[str, list[int]],
+    *,
+    min_seconds: float,
+    min_iterations: int = 3,
+) -> list[RawPoint]:
+    """Every (endpoint, batch size) of `batches`, with a progress bar."""
+    plan = [(endpoint, b) for endpoint, sizes in batches.items() for b in sizes]
+    points = []
+    for endpoint, batch in tqdm(plan, desc="raw onnx", unit="batch size"):
+        point = measure(
+            graphs, endpoint, batch, min_seconds=min_seconds, min_iterations=min_iterations
+        )
+        log.info(
+            "raw %s batch %d: %.2f items/s, p50 %.1f ms per batch",
+            endpoint,
+            batch,
+            point.items_per_s,
+            point.latency["p50_ms"],
+        )
+        points.append(point)
+    return points
+
+
+def raw_table(points: list[RawPoint]) -> str:
+    """Markdown table of raw points."""
+    lines = [
+        "| endpoint | batch | images/run | items/s | images/s | p50 ms | p95 ms | runs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        lines.append(
+            f"| {p.endpoint} | {p.batch} | {p.images} | {p.items_per_s:.2f} | "
+            f"{p.images_per_s:.2f} | {p.latency['p50_ms']:.1f} | {p.latency['p95_ms']:.1f} | "
+            f"{p.iterations} |"
+        )
+    return "\n".join(lines)
+
+
+def raw_result(graphs: RawGraphs, points: list[RawPoint], threads: int) -> dict[str, Any]:
+    return {
+        "model": graphs.model,
+        "precision": graphs.precision,
+        "provider": graphs.provider,
+        "intra_op_threads": threads,
+        "points": [asdict(p) for p in points],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=Path("models"))
+    parser.add_argument("--model", default="objects")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    parser.add_argument("--providers", default="cpu", help="as JLAD_PROVIDERS: cpu, cuda, auto")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = ORT's)")
+    parser.add_argument("--batches", type=parse_int_list, default=[1, 2, 4, 8, 16])
+    parser.add_argument("--pair-batches", type=parse_int_list, default=[1, 2, 4, 8])
+    parser.add_argument("--seconds", type=float, default=2.0, help="least time per batch size")
+    parser.add_argument("--min-iterations", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/raw"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    machine = machine_info()
+    graphs = RawGraphs(args.model_dir, args.model, args.precision, args.providers, args.threads)
+    points = measure_all(
+        graphs,
+        {"landmarks": args.batches, "correspond": args.pair_batches},
+        min_seconds=args.seconds,
+        min_iterations=args.min_iterations,
+    )
+    write_json(
+        args.out / "raw.json", {"machine": machine, **raw_result(graphs, points, args.threads)}
+    )
+    table = raw_table(points)
+    (args.out / "raw.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

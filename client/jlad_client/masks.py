@@ -1,0 +1,164 @@
+"""Carry segmentation masks from one image to another through a dense correspondence.
+
+A mask is an integer label map (H, W): 0 is background, every other value a label that is
+kept as it is (labels are copied with nearest-neighbour sampling, never blended or
+interpolated). The correspondence is a *backward* field at target size: for every target
+pixel, the source pixel (x, y) it comes from (pixel centres at integers, see
+docs/CONTRACT.md), with a confidence in [0, 1] per target pixel.
+
+The rule for unreliable pixels (documented in docs/CLIENT.md):
+
+1. A target pixel whose source position falls outside the source image gets `outside`
+   (default 0, background).
+2. A target pixel whose confidence is below `min_confidence` is *unreliable*. By default it
+   gets the value `unreliable` (default 0, background): a label is only carried where the
+   service vouches for the match. With `unreliable=None` the sampled label is kept anyway
+   (plain nearest-neighbour warping).
+3. With `keep_if_neighbours_agree=True`, an unreliable pixel still keeps its sampled label
+   when the whole (2r+1) x (2r+1) neighbourhood (r = `agree_radius`) around its source
+   position carries that same label: in the middle of a large region a small matching
+   error cannot change the answer, so only pixels near label boundaries are dropped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from jlad_client.viz import blend, palette
+from jlad_client.warp import identity_grid, sample_nearest
+
+DEFAULT_MIN_CONFIDENCE = 0.5
+"""Confidence below which a match counts as unreliable (`sigmoid(-s) < 0.5` means the
+predicted log uncertainty s is above 0)."""
+
+Labels = NDArray[np.integer]
+
+
+def backward_field_from_flow(flow: NDArray[np.floating]) -> NDArray[np.float32]:
+    """Absolute source positions (Ht, Wt, 2) from a backward displacement field (Ht, Wt, 2).
+
+    The service's `resolution=target` flow gives, for every target pixel q, a displacement d
+    with `q + d` its source position; this returns `q + d`.
+    """
+    field = np.asarray(flow, np.float32)
+    if field.ndim != 3 or field.shape[-1] != 2:
+        raise ValueError(f"flow must have shape (H, W, 2), got {field.shape}")
+    height, width = field.shape[:2]
+    positions: NDArray[np.float32] = field + identity_grid(height, width)
+    return positions
+
+
+def neighbourhood_agrees(labels: Labels, radius: int = 1) -> NDArray[np.bool_]:
+    """(H, W) bool: True where every pixel of the (2r+1) x (2r+1) window around a pixel
+    (clipped at the image border) has that pixel's label."""
+    if radius < 0:
+        raise ValueError("radius must be >= 0")
+    lab = np.asarray(labels)
+    height, width = lab.shape
+    padded = np.pad(lab, radius, mode="edge")
+    agree = np.ones(lab.shape, bool)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            agree &= padded[dy : dy + height, dx : dx + width] == lab
+    return agree
+
+
+def propagate_mask(
+    source_mask: Labels,
+    backward_field: NDArray[np.floating],
+    confidence: NDArray[np.floating] | None = None,
+    *,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    unreliable: int | None = 0,
+    keep_if_neighbours_agree: bool = False,
+    agree_radius: int = 1,
+    outside: int = 0,
+) -> Labels:
+    """Warp a label map onto a target through a backward correspondence field.
+
+    Args:
+        source_mask: (Hs, Ws) integer (or bool) labels of the source image.
+        backward_field: (Ht, Wt, 2) for every target pixel, the source pixel (x, y) it comes
+            from (absolute coordinates; see `backward_field_from_flow` for displacements).
+        confidence: (Ht, Wt) match confidence in [0, 1]; None treats every match as reliable.
+        min_confidence: matches with confidence below this are unreliable.
+        unreliable: value given to unreliable pixels; None keeps the sampled label.
+        keep_if_neighbours_agree: keep an unreliable pixel's label when the source
+            neighbourhood of its match is uniform (see the module docstring).
+        agree_radius: half-size of that neighbourhood (1 = 3x3).
+        outside: value for target pixels whose source position is outside the source image.
+
+    Returns:
+        (Ht, Wt) labels with the dtype of `source_mask`; every value is either a value of
+        `source_mask`, `unreliable` or `outside`.
+    """
+    mask = np.asarray(source_mask)
+    if mask.ndim != 2:
+        raise ValueError(f"source_mask must have shape (H, W), got {mask.shape}")
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
+        raise TypeError(f"source_mask must hold integer labels, got dtype {mask.dtype}")
+    field = np.asarray(backward_field, np.float32)
+    if field.ndim != 3 or field.shape[-1] != 2:
+        raise ValueError(f"backward_field must have shape (H, W, 2), got {field.shape}")
+    if mask.dtype == np.bool_:
+        mask = mask.astype(np.uint8)
+
+    # Non-finite positions (unknown matches) are sent far outside so they take `outside`.
+    finite = np.asarray(np.isfinite(field).all(axis=-1))
+    coords = np.where(finite[..., None], field, np.float32(-1e6))
+    target = sample_nearest(mask, coords, fill=outside).astype(mask.dtype, copy=False)
+    if confidence is None or unreliable is None:
+        return target
+
+    conf = np.asarray(confidence, np.float32)
+    if conf.shape != field.shape[:2]:
+        raise ValueError(f"confidence shape {conf.shape} != field shape {field.shape[:2]}")
+    # NaN confidence counts as unreliable; unknown positions already took `outside`.
+    weak: NDArray[np.bool_] = np.logical_and(~(conf >= min_confidence), finite)
+    if keep_if_neighbours_agree:
+        uniform = sample_nearest(neighbourhood_agrees(mask, agree_radius), coords, fill=False)
+        weak &= ~uniform.astype(bool)
+    target[weak] = unreliable
+    return target
+
+
+def mask_iou(predicted: Labels, reference: Labels) -> float:
+    """Intersection over union of the foregrounds (label != 0) of two (H, W) masks.
+
+    Two empty masks agree perfectly (1.0).
+    """
+    pred = np.asarray(predicted) != 0
+    ref = np.asarray(reference) != 0
+    if pred.shape != ref.shape:
+        raise ValueError(f"mask shapes differ: {pred.shape} vs {ref.shape}")
+    union = int(np.count_nonzero(pred | ref))
+    if union == 0:
+        return 1.0
+    return int(np.count_nonzero(pred & ref)) / union
+
+
+def resize_mask(mask: Labels, size: tuple[int, int]) -> Labels:
+    """Nearest-neighbour resize of an (H, W) label map to `size` = (H', W'), pixel centres
+    aligned (the same convention as the correspondence fields)."""
+    lab = np.asarray(mask)
+    height, width = lab.shape[:2]
+    out_h, out_w = size
+    ys = (np.arange(out_h, dtype=np.float32) + 0.5) * height / out_h - 0.5
+    xs = (np.arange(out_w, dtype=np.float32) + 0.5) * width / out_w - 0.5
+    grid = np.stack(np.meshgrid(xs, ys), axis=-1)
+    # Rounding half-way positions can land one pixel outside; clip back onto the map.
+    grid[..., 0] = np.clip(grid[..., 0], 0, width - 1)
+    grid[..., 1] = np.clip(grid[..., 1], 0, height - 1)
+    return sample_nearest(lab, grid).astype(lab.dtype, copy=False)
+
+
+def overlay_labels(image: NDArray[np.uint8], mask: Labels, alpha: float = 0.5) -> NDArray[np.uint8]:
+    """(H, W, 3) picture: `image` with every labelled pixel (label != 0) tinted in its
+    label's colour (`viz.palette`, the same colour for the same label everywhere)."""
+    labels = np.asarray(mask)
+    colours = np.array(palette(int(labels.max()) + 1 if labels.size else 1), np.uint8)
+    tinted = np.array(image[..., :3], np.uint8, copy=True)
+    foreground = labels != 0
+    tinted[foreground] = colours[labels[foreground].astype(np.int64)]
+    return blend(image, tinted, alpha)

@@ -1,0 +1,280 @@
+"""Evaluation metrics and coordinate conversions (numpy only, pure functions).
+
+Coordinates follow docs/CONTRACT.md: pixel (x, y) with pixel centres at integers, sizes as
+`(H, W)`, normalised (x, y) in [-1, 1] with the align_corners=False convention
+`x_pix = (x_norm + 1) * W / 2 - 0.5`.
+
+Protocols (docs/EVALUATION.md):
+
+- PCK@alpha: a transferred keypoint is correct when it lies within `alpha * L` of the true
+  one (PF-WILLOW: L = longer side of the bounding box of the target keypoints).
+- TSS flow accuracy: share of foreground pixels whose end-point error, with the image's
+  longer side scaled to 100 px, is under 5 px; pixels with unknown true flow are ignored.
+- Mask transfer: intersection over union of the carried mask and the true one.
+- Landmark error: linear map without bias from the K discovered landmarks to the 5
+  annotated points, fitted on a training split; mean point error on a validation split as
+  a percentage of the inter-ocular distance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from jlad_client.flowio import valid_flow_mask
+from jlad_client.warp import identity_grid, resize_field, sample_bilinear
+from numpy.typing import ArrayLike, NDArray
+
+Size = tuple[int, int]
+FloatArray = NDArray[np.floating]
+
+DEFAULT_ALPHAS = (0.05, 0.1, 0.15)
+EYES = (0, 1)
+"""Indices of the left and right eye among the 5 MTFL points."""
+
+
+# --- coordinates ---------------------------------------------------------------------------
+
+
+def normalised_to_pixels(points: ArrayLike, size: Size) -> NDArray[np.float64]:
+    """Normalised (x, y) (..., 2) -> pixel (x, y) in an image of `size` = (H, W)."""
+    pts = np.asarray(points, np.float64)
+    height, width = size
+    return np.stack(
+        [(pts[..., 0] + 1) * width / 2 - 0.5, (pts[..., 1] + 1) * height / 2 - 0.5], axis=-1
+    )
+
+
+def pixels_to_normalised(points: ArrayLike, size: Size) -> NDArray[np.float64]:
+    """Pixel (x, y) (..., 2) in an image of `size` = (H, W) -> normalised (x, y)."""
+    pts = np.asarray(points, np.float64)
+    height, width = size
+    return np.stack(
+        [(2 * pts[..., 0] + 1) / width - 1, (2 * pts[..., 1] + 1) / height - 1], axis=-1
+    )
+
+
+def rescale_pixels(points: ArrayLike, from_size: Size, to_size: Size) -> NDArray[np.float64]:
+    """Pixel (x, y) (..., 2) of an image of `from_size` -> the same place in the image
+    resized to `to_size` (both (H, W)); pixel centres stay the reference, not corners."""
+    return normalised_to_pixels(pixels_to_normalised(points, from_size), to_size)
+
+
+def _displacement_field(mapping: ArrayLike) -> NDArray[np.float32]:
+    """(h, w, 2) normalised displacement of each cell's match from the cell's own centre."""
+    field = np.asarray(mapping, np.float32)
+    if field.ndim != 3 or field.shape[0] != 2:
+        raise ValueError(f"mapping must have shape (2, h, w), got {field.shape}")
+    h, w = field.shape[1:]
+    # The cell centres of an h x w grid are the normalised positions of an h x w image.
+    centres = pixels_to_normalised(identity_grid(h, w), (h, w))
+    return (field.transpose(1, 2, 0) - centres).astype(np.float32)
+
+
+def mapping_to_target_pixels(
+    mapping: ArrayLike, src_size: Size, tgt_size: Size
+) -> NDArray[np.float32]:
+    """Match positions (Hs, Ws, 2), in target pixels, of every source pixel.
+
+    `mapping` (2, h, w): for each source cell the normalised (x, y) of its match in the
+    target (the model's `align` output for one pair), bilinearly upsampled from the cell
+    grid to the source image (`src_size` = (Hs, Ws)) and expressed in pixels of the target
+    image (`tgt_size` = (Ht, Wt)).
+
+    The upsampling interpolates the *displacement* from each cell centre (then adds every
+    pixel's own normalised position). Inside the grid this equals interpolating the mapping
+    itself; in the outer half cell, where `resize_field` repeats the edge value, it repeats
+    the edge displacement instead of the edge position, so the identity and translations
+    stay exact up to the image border.
+    """
+    displacement = resize_field(_displacement_field(mapping), src_size)
+    own = pixels_to_normalised(identity_grid(*src_size), src_size)
+    return normalised_to_pixels(own + displacement, tgt_size).astype(np.float32)
+
+
+def mapping_to_pixel_flow(
+    mapping: ArrayLike, src_size: Size, tgt_size: Size
+) -> NDArray[np.float32]:
+    """Pixel flow (Hs, Ws, 2): for a source pixel p, `p + flow[p]` is its match in target
+    pixels (docs/CONTRACT.md: `flow(p) = to_pixels_target(mapping(p)) - p`).
+
+    `mapping` is (2, h, w) normalised, upsampled as in `mapping_to_target_pixels`.
+    """
+    flow = mapping_to_target_pixels(mapping, src_size, tgt_size) - identity_grid(*src_size)
+    return np.asarray(flow, np.float32)
+
+
+def transfer_points(
+    mapping: ArrayLike, points: ArrayLike, src_size: Size, tgt_size: Size
+) -> NDArray[np.float64]:
+    """Carry source pixel points (N, 2) to target pixels (N, 2) through `mapping` (2, h, w).
+
+    The same as reading `mapping_to_target_pixels` at each point (bilinearly, at sub-pixel
+    positions too), without building the dense field.
+    """
+    field = _displacement_field(mapping)
+    # Cell coordinates of each source pixel: the inverse of resize_field's pixel -> cell map.
+    cells = rescale_pixels(points, src_size, field.shape[:2])
+    moved = pixels_to_normalised(points, src_size) + sample_bilinear(field, cells)
+    return normalised_to_pixels(moved, tgt_size)
+
+
+# --- keypoint transfer ---------------------------------------------------------------------
+
+
+def keypoint_bbox_size(points: ArrayLike) -> float:
+    """Longer side of the bounding box of points (N, 2) (non-finite points ignored): the
+    PF-WILLOW PCK reference length L."""
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    pts = pts[np.isfinite(pts).all(axis=1)]
+    if len(pts) == 0:
+        raise ValueError("no finite keypoints to measure")
+    extent = pts.max(axis=0) - pts.min(axis=0)
+    return float(extent.max())
+
+
+def pck(
+    pred_pts: ArrayLike,
+    true_pts: ArrayLike,
+    bbox_or_L: float | Sequence[float],
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+) -> dict[float, float]:
+    """Percentage of correct keypoints, as a fraction in [0, 1], for each alpha.
+
+    pred_pts, true_pts: (N, 2) pixel (x, y) in the same image. bbox_or_L: the reference
+    length L, or a box (x0, y0, x1, y1) whose longer side is L. A keypoint is correct when
+    `||pred - true|| <= alpha * L`. Keypoints whose true position is not finite (not
+    annotated) are left out; a non-finite prediction counts as wrong.
+    """
+    pred = np.asarray(pred_pts, np.float64).reshape(-1, 2)
+    true = np.asarray(true_pts, np.float64).reshape(-1, 2)
+    if pred.shape != true.shape:
+        raise ValueError(f"shapes differ: {pred.shape} vs {true.shape}")
+    if np.ndim(bbox_or_L) == 0:
+        length = float(bbox_or_L)  # type: ignore[arg-type]
+    else:
+        x0, y0, x1, y1 = (float(v) for v in bbox_or_L)  # type: ignore[union-attr]
+        length = max(x1 - x0, y1 - y0)
+    if not length > 0:
+        raise ValueError(f"reference length must be positive, got {length}")
+    known = np.isfinite(true).all(axis=1)
+    if not known.any():
+        raise ValueError("no annotated keypoints")
+    dist = np.linalg.norm(pred[known] - true[known], axis=1)
+    dist = np.where(np.isfinite(dist), dist, np.inf)
+    return {float(a): float(np.mean(dist <= a * length)) for a in alphas}
+
+
+# --- dense flow and masks ------------------------------------------------------------------
+
+
+def end_point_error(pred_flow: ArrayLike, true_flow: ArrayLike) -> NDArray[np.float64]:
+    """(H, W) Euclidean distance between two flows (H, W, 2)."""
+    pred = np.asarray(pred_flow, np.float64)
+    true = np.asarray(true_flow, np.float64)
+    if pred.shape != true.shape or pred.ndim != 3 or pred.shape[-1] != 2:
+        raise ValueError(f"flows must both be (H, W, 2), got {pred.shape} and {true.shape}")
+    return np.asarray(np.linalg.norm(pred - true, axis=-1), np.float64)
+
+
+def flow_accuracy(
+    pred_flow: ArrayLike,
+    true_flow: ArrayLike,
+    mask: ArrayLike,
+    threshold_px: float = 5.0,
+    scale_to: float = 100.0,
+) -> float:
+    """TSS flow accuracy: share of evaluated pixels with end-point error under
+    `threshold_px` once the image is scaled so that its longer side is `scale_to` pixels.
+
+    pred_flow, true_flow: (H, W, 2) pixel flows defined on the source image (H, W).
+    mask: (H, W) foreground of the source image. Pixels where the true flow is unknown
+    (`jlad_client.flowio.valid_flow_mask`) are not evaluated. Scaling both flows by
+    `scale_to / max(H, W)` is the same as resizing the image pair, hence the rescaled error.
+    """
+    true = np.asarray(true_flow, np.float64)
+    fg = np.asarray(mask, bool)
+    if fg.shape != true.shape[:2]:
+        raise ValueError(f"mask {fg.shape} does not match flow {true.shape[:2]}")
+    evaluated = fg & valid_flow_mask(true)
+    if not evaluated.any():
+        raise ValueError("no foreground pixel with known flow")
+    known = np.where(evaluated[..., None], true, 0.0)
+    error = end_point_error(pred_flow, known)[evaluated] * scale_to / max(true.shape[:2])
+    error = np.where(np.isfinite(error), error, np.inf)
+    return float(np.mean(error < threshold_px))
+
+
+def mask_iou(pred_mask: ArrayLike, true_mask: ArrayLike) -> float:
+    """Intersection over union of two (H, W) masks (non-zero = foreground); 1.0 when both
+    are empty (nothing to find, nothing found)."""
+    pred = np.asarray(pred_mask) != 0
+    true = np.asarray(true_mask) != 0
+    if pred.shape != true.shape:
+        raise ValueError(f"mask shapes differ: {pred.shape} vs {true.shape}")
+    union = np.logical_or(pred, true).sum()
+    if union == 0:
+        return 1.0
+    return float(np.logical_and(pred, true).sum() / union)
+
+
+# --- unsupervised landmarks ----------------------------------------------------------------
+
+
+def fit_landmark_regressor(
+    landmarks: ArrayLike, annotations: ArrayLike, ridge: float = 1e-6
+) -> NDArray[np.float64]:
+    """Least-squares linear map WITHOUT bias from K landmarks to the annotated points.
+
+    landmarks: (N, K, 2) discovered landmarks; annotations: (N, P, 2) annotated points (P =
+    5 for MTFL), both in the same coordinates (we use normalised [-1, 1] so that the image
+    centre is the origin). Returns W (2K, 2P) such that `landmarks.reshape(N, 2K) @ W`
+    predicts `annotations.reshape(N, 2P)` (x, y interleaved per point).
+
+    `ridge` adds `ridge * mean(diag(X^T X))` to the diagonal of the normal equations: a
+    relative Tikhonov term far too small to change a well-posed fit (1e-6 of the typical
+    scale) that keeps the solve stable when two landmarks collapse onto each other and make
+    X^T X singular. `ridge=0` gives the plain minimum-norm least-squares solution.
+    """
+    x = np.asarray(landmarks, np.float64)
+    y = np.asarray(annotations, np.float64)
+    if x.ndim != 3 or y.ndim != 3 or x.shape[-1] != 2 or y.shape[-1] != 2:
+        raise ValueError(f"expected (N, K, 2) and (N, P, 2), got {x.shape} and {y.shape}")
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} landmark sets but {len(y)} annotations")
+    xm = x.reshape(len(x), -1)
+    ym = y.reshape(len(y), -1)
+    if ridge == 0:
+        return np.asarray(np.linalg.lstsq(xm, ym, rcond=None)[0], np.float64)
+    gram = xm.T @ xm
+    lam = ridge * max(float(np.mean(np.diag(gram))), 1e-12)
+    return np.asarray(np.linalg.solve(gram + lam * np.eye(len(gram)), xm.T @ ym), np.float64)
+
+
+def regress_landmarks(weights: ArrayLike, landmarks: ArrayLike) -> NDArray[np.float64]:
+    """Apply a regressor W (2K, 2P) from `fit_landmark_regressor` to landmarks (N, K, 2);
+    returns the predicted points (N, P, 2)."""
+    w = np.asarray(weights, np.float64)
+    x = np.asarray(landmarks, np.float64)
+    return (x.reshape(len(x), -1) @ w).reshape(len(x), -1, 2)
+
+
+def landmark_error(
+    pred_points: ArrayLike, true_points: ArrayLike, eyes: tuple[int, int] = EYES
+) -> float:
+    """Mean point error in percent of the inter-ocular distance.
+
+    pred_points, true_points: (N, P, 2) in the same coordinates (any uniform scale: the
+    ratio does not depend on it). For each image, the mean Euclidean error over its P points
+    is divided by the distance between its true eye points `eyes`; the result is the mean
+    over images, times 100.
+    """
+    pred = np.asarray(pred_points, np.float64)
+    true = np.asarray(true_points, np.float64)
+    if pred.shape != true.shape or pred.ndim != 3:
+        raise ValueError(f"shapes must match and be (N, P, 2): {pred.shape} vs {true.shape}")
+    inter_ocular = np.linalg.norm(true[:, eyes[0]] - true[:, eyes[1]], axis=-1)
+    if np.any(inter_ocular <= 0):
+        raise ValueError("an image has coincident eye points")
+    per_image = np.linalg.norm(pred - true, axis=-1).mean(axis=1) / inter_ocular
+    return float(100 * per_image.mean())

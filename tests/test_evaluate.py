@@ -1,0 +1,204 @@
+"""The evaluation CLI end to end, on tiny data trees in the real sets' formats.
+
+The trees are built so that the two baselines have known answers: a pair made of one image
+twice (or an image and its mirror, flagged in flip_gt.txt) must be matched perfectly by the
+identity and by nearest-neighbour matching of identical features; for faces, the identity
+baseline (landmarks that never move) regresses to the mean training shape.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from jlad_client.flowio import write_flo
+from PIL import Image
+
+from model_export.checkpoint import save_checkpoint
+from model_export.data import mtfl_split, read_mtfl_annotations
+from model_export.evaluate import METHODS, main
+from model_export.metrics import landmark_error, rescale_pixels
+from model_export.model import JLAD, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+INPUT = 64
+
+
+def texture(height: int, width: int, seed: int) -> np.ndarray:
+    """A smooth random colour texture: every feature cell looks different."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def write_tss(root: Path) -> None:
+    """Two pairs: image 1 twice (zero flow), and image 1 with its mirror (flip_gt = 1)."""
+    h, w = 48, 64
+    image = texture(h, w, 0)
+    mask = np.zeros((h, w), np.uint8)
+    mask[10:40, 8:40] = 255
+    xs = np.arange(w, dtype=np.float32)
+    mirror_flow = np.stack(
+        np.broadcast_arrays((w - 1 - 2 * xs)[None, :], np.zeros((h, 1))), axis=-1
+    ).astype(np.float32)
+    for name, image2, mask2, flow, flip in [
+        ("same/pair_00", image, mask, np.zeros((h, w, 2), np.float32), "0"),
+        ("mirror/pair_01", image[:, ::-1], mask[:, ::-1], mirror_flow, "1"),
+    ]:
+        folder = root / name
+        save(folder / "image1.png", image)
+        save(folder / "image2.png", np.ascontiguousarray(image2))
+        save(folder / "mask1.png", mask)
+        save(folder / "mask2.png", np.ascontiguousarray(mask2))
+        write_flo(folder / "flow1.flo", flow)
+        write_flo(folder / "flow2.flo", flow)
+        (folder / "flip_gt.txt").write_text(flip + "\n")
+
+
+def write_pf_willow(root: Path) -> None:
+    """One class: the same image under two names, with the same keypoints."""
+    image = texture(60, 80, 1)
+    points = np.array([[10.0, 30, 50, 70], [12.0, 40, 20, 50]])  # 2 x N
+    for name in ("Cars_001", "Cars_002"):
+        save(root / "car(S)" / f"{name}.png", image)
+        scipy.io.savemat(root / "car(S)" / f"{name}.mat", {"pts_coord": points})
+
+
+def write_mtfl(root: Path, count: int = 12) -> None:
+    rng = np.random.default_rng(2)
+    lines = []
+    for i in range(count):
+        save(root / "lfw_5590" / f"face_{i:02d}.jpg", texture(80, 80, 10 + i))
+        pts = np.array([[30, 35], [50, 35], [40, 45], [32, 55], [48, 55]], float)
+        pts += rng.uniform(-3, 3, pts.shape)
+        lines.append(
+            " ".join([f"lfw_5590/face_{i:02d}.jpg", *map(str, pts[:, 0]), *map(str, pts[:, 1])])
+        )
+    (root / "new_training.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`data/` with pf-willow-sample, tss-sample, mtfl-train; `checkpoints/` with small
+    untrained objects and faces models (real backbone weights, 64 x 64 input)."""
+    root = tmp_path_factory.mktemp("eval")
+    write_pf_willow(root / "data" / "pf-willow-sample")
+    write_tss(root / "data" / "tss-sample")
+    write_mtfl(root / "data" / "mtfl-train")
+    torch.manual_seed(0)
+    for name in ("objects", "faces"):
+        model = JLAD(ModelConfig(input_size=(INPUT, INPUT)))
+        save_checkpoint(root / "checkpoints" / name, model, {"description": "test"})
+    return root
+
+
+def is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_all_tasks_end_to_end(trees: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    out = tmp_path / "eval"
+    reports = main(
+        [
+            "all",
+            "--checkpoints",
+            str(trees / "checkpoints"),
+            "--data",
+            str(trees / "data"),
+            "--out",
+            str(out),
+            "--val-fraction",
+            "0.25",
+        ]
+    )
+    assert set(reports) == {"pfwillow", "tss", "faces"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["faces"]["checkpoint"].endswith("faces")
+
+    pf = json.loads((out / "objects" / "pfwillow.json").read_text())
+    assert pf["num_pairs"] == 2 and set(pf["methods"]) == set(METHODS)
+    for method in ("identity", "nearest_neighbour"):
+        assert pf["methods"][method] == {"pck@0.05": 1.0, "pck@0.1": 1.0, "pck@0.15": 1.0}
+    assert all(0 <= v <= 1 for v in pf["methods"]["model"].values())
+    assert pf["per_class"]["car(S)"]["identity"]["pck@0.1"] == 1.0
+    figures = sorted((out / "objects" / "pfwillow").glob("*.png"))
+    assert len(figures) == 2 and all(is_png(p) for p in figures)
+
+    tss = json.loads((out / "objects" / "tss.json").read_text())
+    assert [p["flip"] for p in tss["pairs"]] == [True, False]  # mirror/ sorts before same/
+    for pair in tss["pairs"]:
+        for method in ("identity", "nearest_neighbour"):
+            assert pair[method]["flow_accuracy"] == 1.0, (pair["name"], method)
+            assert pair[method]["mask_iou"] == 1.0, (pair["name"], method)
+        assert 0 <= pair["model"]["flow_accuracy"] <= 1
+    assert set(tss["per_subset"]) == {"mirror", "same"}
+    assert len(list((out / "objects" / "tss").glob("*.png"))) == 2
+
+    faces = json.loads((out / "faces" / "faces.json").read_text())
+    assert (faces["num_train"], faces["num_val"]) == (9, 3)
+    data = trees / "data" / "mtfl-train"
+    records = read_mtfl_annotations(data / "new_training.txt")
+    train, val = mtfl_split(data, 0.25, seed=0)
+    scaled = [rescale_pixels(r.points, (80, 80), (INPUT, INPUT)) for r in records]
+    mean_shape = np.mean([scaled[i] for i in train], axis=0)
+    truth = np.stack([scaled[i] for i in val])
+    expected = landmark_error(np.broadcast_to(mean_shape, truth.shape), truth)
+    assert faces["methods"]["identity"]["landmark_error_percent"] == pytest.approx(
+        expected, rel=1e-4
+    )
+    assert np.isfinite(faces["methods"]["model"]["landmark_error_percent"])
+    for name in ("landmarks.png", "regressed.png"):
+        assert is_png(out / "faces" / "faces" / name)
+
+
+def test_single_task_updates_checkpoint_metrics(trees: Path, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "objects"
+    checkpoint.mkdir()
+    for f in (trees / "checkpoints" / "objects").iterdir():
+        (checkpoint / f.name).write_bytes(f.read_bytes())
+    main(
+        [
+            "pfwillow",
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(trees / "data" / "pf-willow-sample" / "car(S)"),
+            "--out",
+            str(tmp_path / "o"),
+            "--figures",
+            "0",
+            "--update-checkpoint-metrics",
+        ]
+    )
+    metrics = json.loads((checkpoint / "metrics.json").read_text())
+    assert metrics["pfwillow"]["methods"]["identity"]["pck@0.1"] == 1.0
+    assert not list((tmp_path / "o").glob("pfwillow/*.png"))
+
+
+def test_committed_objects_checkpoint_evaluates(trees: Path, tmp_path: Path) -> None:
+    reports = main(
+        [
+            "pfwillow",
+            "--checkpoint",
+            str(ROOT / "checkpoints" / "objects"),
+            "--data",
+            str(trees / "data" / "pf-willow-sample"),
+            "--out",
+            str(tmp_path),
+            "--figures",
+            "1",
+        ]
+    )
+    figures = reports["pfwillow"]["methods"]
+    assert figures["identity"]["pck@0.1"] == 1.0
+    assert figures["nearest_neighbour"]["pck@0.1"] == 1.0
+    assert 0 <= figures["model"]["pck@0.1"] <= 1

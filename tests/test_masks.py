@@ -1,0 +1,182 @@
+"""Known-answer tests for carrying label masks through backward correspondence fields."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from jlad_client.masks import (
+    backward_field_from_flow,
+    mask_iou,
+    neighbourhood_agrees,
+    overlay_labels,
+    propagate_mask,
+    resize_mask,
+)
+from jlad_client.warp import identity_grid
+
+
+def _labelled_mask(height: int = 20, width: int = 24) -> np.ndarray:
+    """Three labels (1, 2, 7) on background 0."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[3:9, 4:12] = 1
+    mask[10:17, 6:10] = 2
+    mask[5:15, 15:21] = 7
+    return mask
+
+
+def test_identity_field_returns_the_mask() -> None:
+    mask = _labelled_mask()
+    out = propagate_mask(mask, identity_grid(*mask.shape), np.ones(mask.shape, np.float32))
+    np.testing.assert_array_equal(out, mask)
+    assert out.dtype == mask.dtype
+
+
+def test_integer_shift_moves_every_label() -> None:
+    """A target that is the source shifted by (dx, dy) = (3, -2): target pixel q comes from
+    q - (3, -2); the warped mask equals the shifted mask, background where it came from
+    outside."""
+    mask = _labelled_mask()
+    dx, dy = 3, -2
+    field = identity_grid(*mask.shape) - np.array([dx, dy], np.float32)
+    out = propagate_mask(mask, field, np.ones(mask.shape, np.float32))
+    expected = np.zeros_like(mask)
+    expected[0 : mask.shape[0] + dy, dx:] = mask[-dy:, : mask.shape[1] - dx]
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_sub_pixel_field_never_blends_labels() -> None:
+    mask = _labelled_mask()
+    jitter = np.random.default_rng(0).uniform(-0.45, 0.45, (*mask.shape, 2))
+    field = identity_grid(*mask.shape) + jitter.astype(np.float32)
+    out = propagate_mask(mask, field, None)
+    assert set(np.unique(out)) <= {0, 1, 2, 7}
+    # Offsets below half a pixel round back to the same pixel.
+    np.testing.assert_array_equal(out, mask)
+
+
+def test_displacement_field_is_converted_to_positions() -> None:
+    flow = np.zeros((4, 5, 2), np.float32)
+    flow[..., 0] = 2.0
+    flow[..., 1] = -1.0
+    field = backward_field_from_flow(flow)
+    assert field.shape == (4, 5, 2)
+    np.testing.assert_allclose(field[3, 1], [3.0, 2.0])
+    np.testing.assert_allclose(field[0, 0], [2.0, -1.0])
+
+
+def test_different_source_and_target_sizes() -> None:
+    """A 2x downscaled target: target pixel (x, y) comes from source (2x + 0.5, 2y + 0.5)."""
+    mask = _labelled_mask(20, 24)
+    grid = identity_grid(10, 12)
+    field = grid * 2 + 0.5
+    out = propagate_mask(mask, field, np.ones((10, 12), np.float32))
+    assert out.shape == (10, 12)
+    np.testing.assert_array_equal(out, resize_mask(mask, (10, 12)))
+
+
+def test_unreliable_pixels_take_the_configured_value() -> None:
+    mask = _labelled_mask()
+    conf = np.ones(mask.shape, np.float32)
+    conf[:, :12] = 0.2
+    field = identity_grid(*mask.shape)
+    out = propagate_mask(mask, field, conf, min_confidence=0.5, unreliable=255)
+    assert (out[:, :12] == 255).all()
+    np.testing.assert_array_equal(out[:, 12:], mask[:, 12:])
+    # None keeps the sampled label everywhere.
+    kept = propagate_mask(mask, field, conf, unreliable=None)
+    np.testing.assert_array_equal(kept, mask)
+    # A threshold of 0 trusts every match.
+    trusting = propagate_mask(mask, field, conf, min_confidence=0.0)
+    np.testing.assert_array_equal(trusting, mask)
+
+
+def test_nan_confidence_and_nan_positions() -> None:
+    mask = _labelled_mask()
+    field = identity_grid(*mask.shape)
+    field[5, 6] = np.nan
+    conf = np.ones(mask.shape, np.float32)
+    conf[4, 5] = np.nan
+    out = propagate_mask(mask, field, conf, unreliable=9, outside=0)
+    assert out[5, 6] == 0  # unknown position: outside
+    assert out[4, 5] == 9  # unknown confidence: unreliable
+    assert mask[5, 6] == 1 and mask[4, 5] == 1
+
+
+def test_neighbourhood_rule_keeps_interiors_and_drops_boundaries() -> None:
+    mask = np.zeros((12, 12), np.uint8)
+    mask[2:10, 2:10] = 3
+    conf = np.zeros(mask.shape, np.float32)  # every match unreliable
+    out = propagate_mask(
+        mask, identity_grid(12, 12), conf, keep_if_neighbours_agree=True, unreliable=0
+    )
+    expected = np.zeros_like(mask)
+    expected[3:9, 3:9] = 3  # the interior: 3x3 windows entirely inside the square
+    # Background pixels at least 2 away from the square keep 0 too; those next to it
+    # become the `unreliable` value, which is also 0 here.
+    np.testing.assert_array_equal(out, expected)
+    wider = propagate_mask(
+        mask, identity_grid(12, 12), conf, keep_if_neighbours_agree=True, agree_radius=2
+    )
+    assert np.count_nonzero(wider) == 4 * 4
+
+
+def test_neighbourhood_agrees_known_answer() -> None:
+    labels = np.array([[1, 1, 1, 2], [1, 1, 1, 2], [1, 1, 1, 2]], np.int32)
+    agree = neighbourhood_agrees(labels, 1)
+    expected = np.array(
+        [[True, True, False, False], [True, True, False, False], [True, True, False, False]]
+    )
+    np.testing.assert_array_equal(agree, expected)
+    assert neighbourhood_agrees(labels, 0).all()
+
+
+def test_bool_mask_and_wide_label_dtypes() -> None:
+    mask = np.zeros((6, 6), bool)
+    mask[1:4, 1:4] = True
+    out = propagate_mask(mask, identity_grid(6, 6), None)
+    assert out.dtype == np.uint8 and out.sum() == 9
+    wide = np.full((6, 6), 70000, np.int32)
+    np.testing.assert_array_equal(propagate_mask(wide, identity_grid(6, 6), None), wide)
+
+
+def test_bad_inputs_raise() -> None:
+    mask = _labelled_mask()
+    with pytest.raises(TypeError):
+        propagate_mask(mask.astype(np.float32), identity_grid(*mask.shape), None)
+    with pytest.raises(ValueError):
+        propagate_mask(mask[None], identity_grid(*mask.shape), None)
+    with pytest.raises(ValueError):
+        propagate_mask(mask, identity_grid(*mask.shape)[..., :1], None)
+    with pytest.raises(ValueError):
+        propagate_mask(mask, identity_grid(*mask.shape), np.ones((3, 3), np.float32))
+
+
+def test_mask_iou_known_answers() -> None:
+    a = np.zeros((4, 4), np.uint8)
+    b = np.zeros((4, 4), np.uint8)
+    a[0:2, 0:2] = 1
+    b[0:2, 1:3] = 5
+    assert mask_iou(a, b) == pytest.approx(2 / 6)
+    assert mask_iou(a, a) == 1.0
+    assert mask_iou(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
+    with pytest.raises(ValueError):
+        mask_iou(a, b[:3])
+
+
+def test_resize_mask_keeps_labels_and_round_trips() -> None:
+    mask = _labelled_mask()
+    up = resize_mask(mask, (40, 48))
+    assert set(np.unique(up)) == set(np.unique(mask))
+    np.testing.assert_array_equal(resize_mask(up, mask.shape), mask)
+
+
+def test_overlay_labels_tints_only_labelled_pixels() -> None:
+    image = np.full((4, 4, 3), 100, np.uint8)
+    mask = np.zeros((4, 4), np.uint8)
+    mask[0, 0] = 1
+    mask[3, 3] = 2
+    out = overlay_labels(image, mask, alpha=0.5)
+    assert out.shape == (4, 4, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[1:3, 1:3], image[1:3, 1:3])
+    assert not np.array_equal(out[0, 0], image[0, 0])
+    assert not np.array_equal(out[0, 0], out[3, 3])  # one colour per label
