@@ -72,6 +72,12 @@ class RawGraphs:
             for graph in GRAPHS
         }
         self.provider = self.sessions["backbone"].get_providers()[0]
+        if provider_list[0] != self.provider:
+            # A CUDA benchmark silently measured on CPU would be worse than none.
+            raise RuntimeError(
+                f"{provider_list[0]} was asked for but ONNX Runtime runs {self.provider} "
+                f"(available: {', '.join(ort.get_available_providers())})"
+            )
         self.dtype = (
             np.float16
             if self.sessions["backbone"].get_inputs()[0].type == "tensor(float16)"
@@ -166,15 +172,17 @@ def measure_all(
     return points
 
 
-def raw_table(points: list[RawPoint]) -> str:
-    """Markdown table of raw points."""
+def raw_table(points: list[RawPoint], labels: list[str] | None = None) -> str:
+    """Markdown table of raw points (with a first column of `labels` when given)."""
+    first = "| measured | " if labels else "| "
     lines = [
-        "| endpoint | batch | images/run | items/s | images/s | p50 ms | p95 ms | runs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        first + "endpoint | batch | images/run | items/s | images/s | p50 ms | p95 ms | runs |",
+        ("|---" if labels else "") + "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for p in points:
+    for i, p in enumerate(points):
         lines.append(
-            f"| {p.endpoint} | {p.batch} | {p.images} | {p.items_per_s:.2f} | "
+            (f"| {labels[i]} " if labels else "")
+            + f"| {p.endpoint} | {p.batch} | {p.images} | {p.items_per_s:.2f} | "
             f"{p.images_per_s:.2f} | {p.latency['p50_ms']:.1f} | {p.latency['p95_ms']:.1f} | "
             f"{p.iterations} |"
         )

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 LOOPBACK = "127.0.0.1"
+_LOGGED_ERROR = '"level": "ERROR"'  # the services log one JSON object per line
 
 
 def free_port() -> int:
@@ -45,6 +46,14 @@ class Managed:
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    forced: bool = False  # it ignored SIGTERM for too long and was killed
+
+    @property
+    def clean_exit(self) -> bool:
+        """Stopped by SIGTERM in time (uvicorn re-raises the signal after a clean shutdown,
+        hence -SIGTERM as well as 0)."""
+        code = None if self.process is None else self.process.returncode
+        return not self.forced and code in (0, -signal.SIGTERM)
 
     def start(self) -> Managed:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,15 +93,17 @@ class Managed:
             try:
                 self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
+                self.forced = True
                 self.process.kill()
                 self.process.wait(timeout=10)
         return self.process.returncode
 
 
 def wait_until_ready(process: Managed, url: str, timeout_s: float) -> None:
-    """Poll `url` until it answers 200; fail early when the process exits."""
+    """Poll `url` until it answers 200. Fail early when the process exits or logs an error
+    (a service whose models fail to load stays alive, answering 503, by design)."""
     until = time.monotonic() + timeout_s
-    with httpx.Client(timeout=5) as client:
+    with httpx.Client(timeout=5, trust_env=False) as client:
         while True:
             if not process.alive():
                 raise ProcessFailed(
@@ -104,6 +115,11 @@ def wait_until_ready(process: Managed, url: str, timeout_s: float) -> None:
                     return
             except httpx.HTTPError:
                 pass
+            if _LOGGED_ERROR in process.log_tail(20_000):
+                raise ProcessFailed(
+                    f"{process.name} logged an error before it was ready; its log ends:\n"
+                    f"{process.log_tail()}"
+                )
             if time.monotonic() > until:
                 raise ProcessFailed(
                     f"{process.name} not ready at {url} after {timeout_s:.0f} s; its log "

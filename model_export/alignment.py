@@ -21,17 +21,21 @@ from model_export.geometry import cell_centres
 from model_export.similarity import cosine_cross_similarity
 
 
-def soft_argmax_mapping(similarity: Tensor, beta: Tensor | float,
-                        grid_size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+def soft_argmax_mapping(
+    similarity: Tensor, beta: Tensor | float, grid_size: tuple[int, int] | None = None
+) -> tuple[Tensor, Tensor]:
     """Expected target position of each source cell under softmax(beta * similarity).
 
     similarity (B, ht*wt, h, w) -> mapping (B, 2, h, w), peak probability (B, 1, h, w).
     The target grid has the source grid's shape (one input size per model).
     """
-    _b, n, h, w = similarity.shape
-    ht, wt = _target_grid(n, h, w)
+    if grid_size is None:
+        _, n, h, w = similarity.shape
+        ht, wt = _target_grid(int(n), int(h), int(w))
+    else:  # Python ints: constant grids in the exported graph (see landmarks._grid_size)
+        ht, wt = grid_size
     prob = torch.softmax(similarity * beta, dim=1)
-    grid = cell_centres(ht, wt, like=similarity).reshape(n, 2)
+    grid = cell_centres(ht, wt, like=similarity).reshape(ht * wt, 2)
     mapping = torch.einsum("bnhw,nc->bchw", prob, grid)
     return mapping, prob.amax(dim=1, keepdim=True)
 
@@ -42,6 +46,16 @@ def _target_grid(n: int, h: int, w: int) -> tuple[int, int]:
     if n != h * w:
         raise ValueError(f"target grid of {n} cells does not match source grid {h}x{w}")
     return h, w
+
+
+def upsample2(x: Tensor) -> Tensor:
+    """Nearest-neighbour x2 upsampling of (B, C, h, w) -> (B, C, 2h, 2w).
+
+    Written as expand + reshape rather than F.interpolate: the exporter turns interpolate's
+    output size into float casts of traced shapes, which the fp16 converter mistypes.
+    """
+    b, c, h, w = x.shape
+    return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -89,8 +103,8 @@ class SemanticAligner(nn.Module):
         e1 = self.enc1(volume)
         e2 = self.enc2(e1)
         e3 = self.enc3(e2)
-        d2 = self.dec2(torch.cat([F.interpolate(e3, scale_factor=2.0), e2], dim=1))
-        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], dim=1))
+        d2 = self.dec2(torch.cat([upsample2(e3), e2], dim=1))
+        d1 = self.dec1(torch.cat([upsample2(d2), e1], dim=1))
         mapping = base + self.max_residual * torch.tanh(self.residual(d1))
         log_sigma = self.uncertainty(torch.cat([d1, peak], dim=1))
         return {"mapping": mapping, "log_sigma": log_sigma, "confidence": torch.sigmoid(-log_sigma)}

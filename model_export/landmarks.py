@@ -39,8 +39,12 @@ def soft_argmax(heatmaps: Tensor, grid_size: tuple[int, int] | None = None) -> T
     return torch.einsum("bkhw,hwc->bkc", heatmaps, grid)
 
 
-def peak_mass(heatmaps: Tensor, points: Tensor, radius_cells: float = 1.5,
-              grid_size: tuple[int, int] | None = None) -> Tensor:
+def peak_mass(
+    heatmaps: Tensor,
+    points: Tensor,
+    radius_cells: float = 1.5,
+    grid_size: tuple[int, int] | None = None,
+) -> Tensor:
     """Confidence of each landmark: the heatmap mass within `radius_cells` cells of its
     soft-argmax point, in [0, 1]. A peaked map scores near one, a spread one near zero.
 

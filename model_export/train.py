@@ -146,17 +146,32 @@ def align_step_synthetic(
     return {"total": supervised + alignment, "flow_epe_cells": epe, "alignment": alignment.detach()}
 
 
+@dataclass(frozen=True)
+class LandmarkTerms:
+    """How eq. 6 weighs its separation term (config key `landmark_loss`)."""
+
+    separation_weight: float = 1.0
+    margin: float = 0.05
+
+    def __call__(self, out: dict[str, Tensor]) -> Tensor:
+        return losses.landmark_loss(
+            out["heatmaps"], out["points"], self.margin, self.separation_weight
+        )
+
+
 def landmark_step_synthetic(
-    model: JLAD, cached: Tensor, warp: WarpConfig, gen: torch.Generator
+    model: JLAD,
+    cached: Tensor,
+    warp: WarpConfig,
+    gen: torch.Generator,
+    terms: LandmarkTerms = LandmarkTerms(),
 ) -> dict[str, Tensor]:
     """Pre-training of {W_F adapter, W_D}: eq. 6 on both images, eq. 7 with the known
     warp (equivariance: landmarks must move with the image)."""
     pair = warp_feature_pair(cached.float(), warp, gen)
     ls = model.landmarks(model.adapt(pair.source))
     lt = model.landmarks(model.adapt(pair.target))
-    landmark = losses.landmark_loss(ls["heatmaps"], ls["points"]) + losses.landmark_loss(
-        lt["heatmaps"], lt["points"]
-    )
+    landmark = terms(ls) + terms(lt)
     joint = losses.joint_loss(ls["points"], lt["points"], pair.mapping)
     lam = losses.LANDMARK_SIDE
     return {
@@ -166,7 +181,9 @@ def landmark_step_synthetic(
     }
 
 
-def joint_step(model: JLAD, a: Tensor, b: Tensor, side: str) -> dict[str, Tensor]:
+def joint_step(
+    model: JLAD, a: Tensor, b: Tensor, side: str, terms: LandmarkTerms = LandmarkTerms()
+) -> dict[str, Tensor]:
     """Eq. 8 on real pairs. side='align' updates {W_F, W_A, W_C} with W_D as teacher;
     side='landmarks' updates {W_F, W_D} with W_A, W_C as teacher."""
     fa, fb = model.adapt(a.float()), model.adapt(b.float())
@@ -180,9 +197,7 @@ def joint_step(model: JLAD, a: Tensor, b: Tensor, side: str) -> dict[str, Tensor
         la, lb = model.landmarks(fa), model.landmarks(fb)
         with torch.no_grad():
             ab, ba = model.align(fa.detach(), fb.detach()), model.align(fb.detach(), fa.detach())
-    landmark = losses.landmark_loss(la["heatmaps"], la["points"]) + losses.landmark_loss(
-        lb["heatmaps"], lb["points"]
-    )
+    landmark = terms(la) + terms(lb)
     alignment = losses.alignment_loss(
         fa, fb, ab["mapping"], ab["log_sigma"]
     ) + losses.alignment_loss(fb, fa, ba["mapping"], ba["log_sigma"])
@@ -247,6 +262,7 @@ def run_training(
     assert data is not None
     groups = data.groups
     warp = WarpConfig(**config.get("warp", {}))
+    terms = LandmarkTerms(**config.get("landmark_loss", {}))
     batch = int(config.get("batch_size", 8))
     stages = config["stages"]
     model.train()
@@ -270,11 +286,13 @@ def run_training(
                 step_kind = "align" if it % 2 == 0 else "landmarks"
             if stage.get("data", "synthetic") == "synthetic":
                 idx = torch.randint(len(cached), (batch,), generator=gen)
-                step = align_step_synthetic if step_kind == "align" else landmark_step_synthetic
-                metrics = step(model, cached[idx], warp, gen)
+                if step_kind == "align":
+                    metrics = align_step_synthetic(model, cached[idx], warp, gen)
+                else:
+                    metrics = landmark_step_synthetic(model, cached[idx], warp, gen, terms)
             else:
                 a, b = sample_pairs(groups, batch, rng)
-                metrics = joint_step(model, cached[a], cached[b], step_kind)
+                metrics = joint_step(model, cached[a], cached[b], step_kind, terms)
             optimizer.zero_grad(set_to_none=True)
             metrics["total"].backward()
             optimizer.step()

@@ -230,3 +230,10 @@ def test_backbone_is_frozen_and_stays_in_eval_mode() -> None:
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert not model.backbone.training and model.adapter.training
     assert all(not k.startswith("backbone.") for k in model.trainable_state())
+
+
+def test_upsample2_is_nearest_interpolation() -> None:
+    from model_export.alignment import upsample2
+
+    x = torch.randn(2, 3, 4, 5)
+    assert torch.equal(upsample2(x), F.interpolate(x, scale_factor=2.0, mode="nearest"))

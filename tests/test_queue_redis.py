@@ -6,6 +6,7 @@ exactly where the test puts it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
+from service.jobs import InferenceFailed, InferenceJob, InferenceResult
 from service.metrics import ServiceMetrics
 from service.queue import RedisDispatcher
 from service.redis_support import QueueKeys, reply_ttl_s
@@ -261,6 +264,48 @@ def test_job_for_a_model_the_worker_lacks_gets_an_explicit_error(
         body = assert_problem(answer.result(timeout=30), 500, "internal-error")
     assert "does not serve model 'faces'" in body["detail"]
     assert worker.batches_run == 0, "nothing was run"
+    assert_queue_empty(server, settings)
+    worker.close()
+
+
+def test_a_job_the_models_reject_fails_alone_and_its_batch_mates_succeed(
+    model_dir: Path, server: RedisServer, engine: InferenceEngine, pool: ThreadPoolExecutor
+) -> None:
+    settings = queue_settings(model_dir, server.url, max_batch_size=4)
+    worker = make_worker(settings, engine, "w")
+    (h, w) = engine.models["faces"].info.input_size
+    rng = np.random.default_rng(0)
+    good = InferenceJob("faces", rng.random((1, 3, h, w), dtype=np.float32), landmarks=[0])
+    # Wrong input size: the API never sends this, so it stands for any job the models reject.
+    bad = InferenceJob("faces", rng.random((1, 3, 8, 8), dtype=np.float32), landmarks=[0])
+
+    async def submit_both() -> list[InferenceResult | BaseException]:
+        dispatcher = RedisDispatcher(settings, ServiceMetrics())
+        await dispatcher.start()
+        wait_s = 0.0
+        while not dispatcher.ready and wait_s < 10:
+            await asyncio.sleep(0.05)
+            wait_s += 0.05
+        for job in (good, bad):
+            job.deadline = time.time() + 30
+        try:
+            return await asyncio.gather(
+                dispatcher.submit(good), dispatcher.submit(bad), return_exceptions=True
+            )
+        finally:
+            await dispatcher.close(1)
+
+    answers = pool.submit(asyncio.run, submit_both())
+    queued(server, settings, 2)
+    batch = worker.collect_batch()
+    assert len(batch) == 2
+    worker.process(batch)
+    ok, failed = answers.result(timeout=30)
+    assert isinstance(ok, InferenceResult) and ok.batch_jobs == 1, "rerun alone"
+    (expected,) = engine.run_batch([good])
+    assert np.allclose(ok.landmarks[0].points, expected.landmarks[0].points, atol=1e-5)
+    assert isinstance(failed, InferenceFailed) and "do not fit faces" in str(failed)
+    assert metrics_of(worker)["jlad_queue_failed_total"] == 1
     assert_queue_empty(server, settings)
     worker.close()
 

@@ -1,0 +1,324 @@
+"""The benchmark harness works: each bench script in a tiny configuration against the real
+exported models, real service processes and a real redis-server. No timing is asserted here
+(speed targets are ratios the harness itself reports, docs/BENCH.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bench import pyspy, targets
+from bench.loadgen import (
+    Payload,
+    Sample,
+    Target,
+    batch_counters,
+    build_payload,
+    closed_loop_throughput,
+    fixed_rate,
+    require_loopback,
+    summarise,
+    sweep,
+)
+from bench.raw_onnx import RawGraphs, measure
+from bench.run_all import main as run_all_main
+from bench.services import Stack
+
+PAYLOAD = Payload("landmarks", "npz", b"", {}, images=1)
+
+
+# -- pure pieces: known answers ------------------------------------------------------------
+
+
+def test_loadgen_refuses_anything_but_loopback() -> None:
+    assert require_loopback("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    assert require_loopback("http://localhost:1") == "http://localhost:1"
+    for url in ("http://10.0.0.5:8000", "https://example.com", "http://0.0.0.0:8000"):
+        with pytest.raises(ValueError, match="loopback"):
+            require_loopback(url)
+
+
+def test_closed_loop_throughput_counts_whole_cycles_per_client() -> None:
+    # Two clients, answers in bursts: client 0 does 3 requests in 1.5 s, client 1 does 2 in
+    # 2 s (one of them a 429, which is not throughput).
+    samples = [
+        Sample(0.0, 0.5, 200, 0),
+        Sample(0.5, 1.0, 200, 0),
+        Sample(1.0, 1.5, 200, 0),
+        Sample(0.0, 1.0, 200, 1),
+        Sample(1.0, 2.0, 429, 1),
+    ]
+    assert closed_loop_throughput(samples) == pytest.approx(3 / 1.5 + 1 / 2.0)
+
+
+def test_summarise_splits_statuses_latencies_and_deadlines() -> None:
+    samples = [
+        Sample(0.1, 0.2, 200),  # before the window: ignored for latencies
+        Sample(1.0, 1.3, 200),
+        Sample(1.1, 1.6, 200),
+        Sample(1.2, 1.205, 429),
+        Sample(1.3, 2.5, 504),
+        Sample(1.4, 3.4, 200),  # accepted, answered, but after its 1 s deadline
+    ]
+    level = summarise(
+        samples, PAYLOAD, window=(1.0, 3.0), mode="open", offered_rps=5, deadline_ms=1000
+    )
+    assert level.statuses == {"200": 3, "429": 1, "504": 1}
+    assert level.window_rps == pytest.approx(2 / 2.0)  # 200s completed inside [1, 3]
+    assert level.latency["p50_ms"] == pytest.approx(500)
+    assert level.rejected_latency["max_ms"] == pytest.approx(5, abs=1e-6)
+    assert (level.accepted, level.deadline_met) == (4, 2)
+    assert level.errors == 2
+
+
+def test_batch_counters_sum_the_batcher_histograms() -> None:
+    text = "\n".join(
+        [
+            "# TYPE jlad_batch_size_images histogram",
+            'jlad_batch_size_images_bucket{model="objects",le="+Inf"} 4.0',
+            'jlad_batch_size_images_count{model="objects"} 4.0',
+            'jlad_batch_size_images_sum{model="objects"} 10.0',
+            'jlad_batch_size_images_count{model="faces"} 1.0',
+            'jlad_batch_size_images_sum{model="faces"} 2.0',
+            "# TYPE jlad_batch_size_jobs histogram",
+            'jlad_batch_size_jobs_count{model="objects"} 4.0',
+            'jlad_batch_size_jobs_sum{model="objects"} 7.0',
+            "",
+        ]
+    )
+    assert batch_counters(text) == {"images_sum": 12.0, "jobs_sum": 7.0, "batches": 5.0}
+
+
+def _level(**overrides: Any) -> dict[str, Any]:
+    level: dict[str, Any] = {
+        "concurrency": 1,
+        "throughput_rps": 1.0,
+        "latency": {"p50_ms": 100.0, "p99_ms": 120.0},
+        "rejected_latency": {"p50_ms": None, "p99_ms": None, "max_ms": None},
+        "statuses": {"200": 10},
+        "accepted": 10,
+        "deadline_met": 10,
+        "deadline_ms": 1000.0,
+        "batch": {"avg_images": 1.0},
+    }
+    level.update(overrides)
+    return level
+
+
+def _raw_point(endpoint: str, batch: int, items_per_s: float, p50_ms: float) -> dict[str, Any]:
+    return {
+        "endpoint": endpoint,
+        "batch": batch,
+        "items_per_s": items_per_s,
+        "latency": {"p50_ms": p50_ms},
+    }
+
+
+def test_targets_compare_with_the_paired_raw_figures() -> None:
+    raw = {"points": [_raw_point("landmarks", 1, 9.0, 100.0), _raw_point("landmarks", 8, 40, 200)]}
+    scenario = {
+        "name": "in-process",
+        "endpoint": "landmarks",
+        "response": "npz",
+        # Measured right before the sweep: these win over the raw table.
+        "raw_reference": [
+            _raw_point("landmarks", 1, 10.0, 98.0),
+            _raw_point("landmarks", 8, 20.0, 400.0),
+        ],
+        "levels": [
+            _level(concurrency=1, throughput_rps=9.0, latency={"p50_ms": 104.0, "p99_ms": 1}),
+            _level(concurrency=16, throughput_rps=17.5, latency={"p50_ms": 900.0, "p99_ms": 1}),
+        ],
+    }
+    throughput = targets.throughput_check(scenario, raw, max_batch_size=8)
+    assert throughput.measured == pytest.approx(17.5 / 20.0)
+    assert throughput.passed is True  # 0.875 >= 0.85
+    latency = targets.latency_check(scenario, raw)
+    assert latency.measured == pytest.approx(6.0)
+    assert latency.passed is False  # 6 ms > 5 ms
+
+    moderate = targets.moderate_load_check(
+        _level(latency={"p50_ms": 300.0, "p99_ms": 800.0}), scenario, raw, 8, 5.0
+    )
+    assert moderate.limit == pytest.approx(2 * (5.0 + 400.0))
+    assert moderate.passed is True
+
+    # A /correspond batch of 8 images is 4 pairs.
+    assert targets.jobs_per_batch("correspond", 8) == 4
+    assert targets.jobs_per_batch("landmarks", 8) == 8
+
+
+def test_overload_and_redis_checks() -> None:
+    overloaded = _level(
+        statuses={"200": 30, "429": 20},
+        rejected_latency={"p50_ms": 2.0, "p99_ms": 12.5, "max_ms": 13.0},
+        accepted=30,
+        deadline_met=29,
+    )
+    fast, in_deadline = targets.overload_checks(overloaded)
+    assert (fast.measured, fast.passed) == (12.5, False)
+    assert in_deadline.measured == pytest.approx(29 / 30)
+    assert in_deadline.passed is False
+    nothing_rejected = targets.overload_checks(_level())[0]
+    assert nothing_rejected.passed is None  # no 429 at all: not measured, not a pass
+
+    local = {"name": "in-process", "levels": [_level(throughput_rps=10.0)]}
+    redis_levels = [_level(throughput_rps=8.0), _level(throughput_rps=8.6)]
+    check = targets.redis_check({"name": "redis-1api", "levels": redis_levels}, local)
+    assert check.measured == pytest.approx(0.86)
+    assert check.passed is True
+
+
+def test_top_frames_ranks_self_and_service_time() -> None:
+    collapsed = "\n".join(
+        [
+            "main (service/__main__.py:19);run_batch (service/runtime.py:280);run (ort.py:1) 70",
+            "main (service/__main__.py:19);decode (service/imaging.py:40) 20",
+            "main (service/__main__.py:20);encode (service/outputs.py:9) 10",
+        ]
+    )
+    profile = pyspy.top_frames(collapsed, limit=3)
+    assert profile["samples"] == 100
+    assert profile["top"][0] == {"frame": "run (ort.py)", "inclusive": 70.0, "self": 70.0}
+    # Line numbers are dropped, so both `main` lines are one function.
+    focus = {row["frame"]: row["inclusive"] for row in profile["focus"]}
+    assert focus["main (service/__main__.py)"] == 100.0
+    assert focus["run_batch (service/runtime.py)"] == 70.0
+
+
+# -- against the real models and processes -------------------------------------------------
+
+
+def test_raw_loop_runs_the_endpoint_graphs(model_dir: Path) -> None:
+    graphs = RawGraphs(model_dir, "objects", "fp32", "cpu", threads=1)
+    h, w = graphs.input_size
+    mapping, _, _ = graphs.correspond(graphs.images(4))
+    assert mapping.shape == (2, 2, h // 8, w // 8)  # 4 images = 2 (source, target) pairs
+    heatmaps, points, _ = graphs.landmarks(graphs.images(3))
+    assert points.shape[:1] == (3,) and points.shape[2] == 2
+    assert np.allclose(heatmaps.reshape(3, points.shape[1], -1).sum(-1), 1, atol=1e-3)
+
+    point = measure(graphs, "correspond", 2, min_seconds=0, min_iterations=2)
+    assert (point.batch, point.images, point.iterations) == (2, 4, 2)
+    assert point.items_per_s > 0 and point.images_per_s == pytest.approx(2 * point.items_per_s)
+    assert point.latency["p50_ms"] is not None and point.latency["p50_ms"] > 0
+
+
+def test_loadgen_against_a_service_process(model_dir: Path, tmp_path: Path) -> None:
+    settings = {
+        "JLAD_MODEL_DIR": str(model_dir),
+        "JLAD_MODELS": "objects",
+        "JLAD_INTRA_OP_THREADS": "1",
+        "JLAD_MAX_BATCH_SIZE": "2",
+        "JLAD_MAX_QUEUE": "1",
+        "JLAD_LOG_LEVEL": "warning",
+    }
+    with Stack(tmp_path / "logs") as stack:
+        api, url = stack.api("api", settings)
+        target = Target([url], [url])
+        json_levels = asyncio.run(
+            sweep(
+                target,
+                build_payload("correspond", "json", size=(64, 80)),
+                [1],  # one at a time: a queue of one is never full
+                warmup_s=0,
+                duration_s=60,  # ended by max_requests
+                max_requests=3,
+            )
+        )
+        # Far over capacity with a queue of one: the service must refuse with 429.
+        overloaded = asyncio.run(
+            fixed_rate(
+                target,
+                build_payload("landmarks", "npz", image_format="png"),
+                rate=40,
+                warmup_s=0,
+                duration_s=0.5,
+                max_requests=20,
+                deadline_ms=20_000,
+            )
+        )
+    assert not api.alive() and api.clean_exit
+    (level,) = json_levels
+    # The right content type too, else "wrong-content-type".
+    assert level.statuses == {"200": 3}, level.statuses
+    assert level.throughput_rps > 0 and level.images_per_s == pytest.approx(
+        2 * level.throughput_rps
+    )
+    assert level.batch["batches"] and level.batch["avg_images"] >= 2  # a pair per job
+    assert overloaded.statuses.get("429", 0) > 0, overloaded.statuses
+    assert overloaded.statuses.get("200", 0) > 0, overloaded.statuses
+    assert overloaded.rejected_latency["p50_ms"] is not None
+
+
+@pytest.mark.slow
+def test_run_all_quick_measures_every_scenario(model_dir: Path, tmp_path: Path) -> None:
+    """`python -m bench.run_all --quick` end to end: raw loop, in-process sweeps and load,
+    no batching, Redis with one and two APIs; results, report and plots written; every
+    process it started stopped."""
+    out = tmp_path / "bench"
+    code = run_all_main(["--quick", "--out", str(out), "--model-dir", str(model_dir)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["failures"] == [] and code == 0
+    assert results["quick"] is True and results["machine"]["nproc"] >= 1
+    assert {p["endpoint"] for p in results["raw"]["points"]} == {"landmarks", "correspond"}
+    names = {(s["name"], s["endpoint"], s["response"]) for s in results["scenarios"]}
+    assert names == {
+        ("in-process", "landmarks", "npz"),
+        ("in-process", "landmarks", "json"),
+        ("in-process", "correspond", "npz"),
+        ("in-process", "correspond", "json"),
+        ("no-batching", "landmarks", "npz"),
+        ("redis-1api", "landmarks", "npz"),
+        ("redis-2api", "landmarks", "npz"),
+    }
+    for scenario in results["scenarios"]:
+        assert [lv["concurrency"] for lv in scenario["levels"]] == [1, 2]
+        for level in scenario["levels"]:
+            assert level["statuses"].get("200", 0) > 0, (scenario["name"], level["statuses"])
+            assert level["batch"]["batches"] > 0
+    assert [item["fraction"] for item in results["load"]] == [1.5, 0.8]
+    assert {t["name"] for t in results["targets"]} >= {
+        "throughput landmarks npz / raw",
+        "c=1 p50 overhead correspond json",
+        "80 % load: p99 latency",
+        "redis-2api / in-process at saturation",
+    }
+    report = (out / "report.md").read_text()
+    assert "## Targets" in report and "redis-2api" in report
+    for png in ("throughput.png", "p99.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    started = results["processes"]
+    assert {p["name"].split("/")[0] for p in started} == {"in-process", "no-batching", "redis"}
+    for process in started:
+        assert process["clean_exit"], process
+        with pytest.raises(ProcessLookupError):
+            os.kill(process["pid"], 0)
+
+
+def test_pyspy_profiles_a_python_process(tmp_path: Path) -> None:
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "import time\nwhile True: sum(range(10000))"],
+    )
+    try:
+        time.sleep(0.3)
+        recorder = pyspy.start_recording(busy.pid, 1, tmp_path / "busy.txt", rate=50)
+        _, stderr = recorder.communicate(timeout=60)
+    finally:
+        busy.kill()
+        busy.wait()
+    if recorder.returncode != 0 and b"ermission" in stderr:
+        pytest.skip(f"py-spy may not attach here (ptrace): {stderr.decode()[-200:]}")
+    assert recorder.returncode == 0, stderr
+    profile = pyspy.top_frames((tmp_path / "busy.txt").read_text())
+    assert profile["samples"] > 0
+    assert any("<module>" in row["frame"] for row in profile["top"])
