@@ -114,6 +114,7 @@ class Sample:
     end: float
     status: int | str
     user: int = -1  # closed loop: which client sent it
+    timings: dict[str, float] | None = None  # the service's `timings_ms` (JSON answers)
 
     @property
     def latency(self) -> float:
@@ -139,6 +140,8 @@ class LevelResult:
     accepted: int = 0  # answers that were not 429
     deadline_met: int = 0  # of them, 200 within the deadline
     batch: dict[str, float | None] = field(default_factory=dict)
+    # Medians of the service's own timings_ms (JSON answers only), and what they leave out.
+    server_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def errors(self) -> int:
@@ -149,17 +152,19 @@ class LevelResult:
 
 
 def batch_counters(metrics_text: str) -> dict[str, float]:
-    """Totals of the batcher histograms in Prometheus text: `images_sum`, `jobs_sum` and
-    `batches` (summed over models)."""
-    totals = {"images_sum": 0.0, "jobs_sum": 0.0, "batches": 0.0}
+    """Totals of the batcher histograms in Prometheus text: `images_sum`, `jobs_sum`,
+    `seconds_sum` (time running batches) and `batches` (summed over models)."""
+    names = {
+        "jlad_batch_size_images_sum": "images_sum",
+        "jlad_batch_size_jobs_sum": "jobs_sum",
+        "jlad_batch_duration_seconds_sum": "seconds_sum",
+        "jlad_batch_size_images_count": "batches",
+    }
+    totals = dict.fromkeys(names.values(), 0.0)
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
-            if sample.name == "jlad_batch_size_images_sum":
-                totals["images_sum"] += sample.value
-            elif sample.name == "jlad_batch_size_jobs_sum":
-                totals["jobs_sum"] += sample.value
-            elif sample.name == "jlad_batch_size_images_count":
-                totals["batches"] += sample.value
+            if sample.name in names:
+                totals[names[sample.name]] += sample.value
     return totals
 
 
@@ -167,24 +172,26 @@ async def scrape_batches(
     client: httpx.AsyncClient, metrics_urls: Sequence[str]
 ) -> dict[str, float]:
     """`batch_counters` summed over every process that runs batches."""
-    totals = {"images_sum": 0.0, "jobs_sum": 0.0, "batches": 0.0}
+    totals: dict[str, float] = {}
     for url in metrics_urls:
         response = await client.get(url + "/metrics")
         response.raise_for_status()
         for key, value in batch_counters(response.text).items():
-            totals[key] += value
+            totals[key] = totals.get(key, 0.0) + value
     return totals
 
 
 def batch_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
-    """Average batch (images and jobs) of the batches run between two scrapes."""
+    """Average batch (images, jobs, milliseconds running it) of the batches run between
+    two scrapes."""
     batches = after["batches"] - before["batches"]
     if batches <= 0:
-        return {"batches": 0, "avg_images": None, "avg_jobs": None}
+        return {"batches": 0, "avg_images": None, "avg_jobs": None, "avg_ms": None}
     return {
         "batches": batches,
         "avg_images": (after["images_sum"] - before["images_sum"]) / batches,
         "avg_jobs": (after["jobs_sum"] - before["jobs_sum"]) / batches,
+        "avg_ms": 1000 * (after["seconds_sum"] - before["seconds_sum"]) / batches,
     }
 
 
@@ -212,19 +219,23 @@ async def send(
         headers = {**headers, "x-deadline-ms": str(max(1, round(deadline_ms)))}
     started = time.perf_counter()
     status: int | str
+    timings = None
     try:
         response = await client.post(url + payload.path, content=payload.body, headers=headers)
+        ended = time.perf_counter()
         status = response.status_code
         # A 200 in another format would measure something else than asked: count it apart.
         if status == 200 and not response.headers.get("content-type", "").startswith(
             payload.expected_media
         ):
             status = "wrong-content-type"
+        elif status == 200 and payload.response == "json":
+            timings = response.json().get("timings_ms")
     except httpx.TimeoutException:
-        status = "timeout"
+        status, ended = "timeout", time.perf_counter()
     except httpx.HTTPError as exc:
-        status = type(exc).__name__
-    return Sample(started - origin, time.perf_counter() - origin, status, user)
+        status, ended = type(exc).__name__, time.perf_counter()
+    return Sample(started - origin, ended - origin, status, user, timings)
 
 
 async def closed_loop(
@@ -319,6 +330,32 @@ def closed_loop_throughput(samples: Sequence[Sample]) -> float:
     return total
 
 
+def server_breakdown(samples: Sequence[Sample]) -> dict[str, float]:
+    """Medians (ms) of the `timings_ms` the service put in its JSON answers, plus
+    `outside_handler_ms` (client latency - the handler's `total_ms`: HTTP, middleware,
+    serialisation, the event loop's queue) and `dispatch_ms` (`wait_ms` - backbone - heads:
+    the batcher's wait for company and its thread hand-offs)."""
+    timed = [s for s in samples if s.timings and "total_ms" in s.timings]
+    if not timed:
+        return {}
+    keys = sorted({k for s in timed for k in s.timings or {}})
+    medians = {k: float(np.median([(s.timings or {}).get(k, 0.0) for s in timed])) for k in keys}
+    medians["outside_handler_ms"] = float(
+        np.median([s.latency * 1000 - (s.timings or {})["total_ms"] for s in timed])
+    )
+    medians["dispatch_ms"] = float(
+        np.median(
+            [
+                (s.timings or {}).get("wait_ms", 0.0)
+                - (s.timings or {}).get("backbone_ms", 0.0)
+                - (s.timings or {}).get("heads_ms", 0.0)
+                for s in timed
+            ]
+        )
+    )
+    return medians
+
+
 def summarise(
     samples: Sequence[Sample],
     payload: Payload,
@@ -358,6 +395,7 @@ def summarise(
         accepted=len(accepted),
         deadline_met=len(met),
         batch=batch or {},
+        server_ms=server_breakdown([s for s in measured if s.status == 200]),
     )
 
 

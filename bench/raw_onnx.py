@@ -55,13 +55,25 @@ class RawGraphs:
     them, and the two graph chains the endpoints run."""
 
     def __init__(
-        self, model_dir: Path, model: str, precision: str, providers: str, threads: int
+        self,
+        model_dir: Path,
+        model: str,
+        precision: str,
+        providers: str,
+        threads: int,
+        *,
+        spinning: bool = True,
     ) -> None:
         info = find_models(model_dir, [model])[model]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        if not spinning:
+            # Not what the service does (it keeps ORT's default, spinning on): a variant to
+            # measure what idle intra-op threads spinning costs on a shared CPU.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.spinning = spinning
         provider_list = resolve_providers(providers, ort.get_available_providers())
         self.sessions = {
             graph: ort.InferenceSession(
@@ -170,6 +182,39 @@ def measure_all(
         )
         points.append(point)
     return points
+
+
+def spinning_comparison(
+    spinning: RawGraphs,
+    still: RawGraphs,
+    batches: dict[str, list[int]],
+    *,
+    min_seconds: float,
+    rounds: int = 2,
+) -> list[dict[str, Any]]:
+    """Items/s with ONNX Runtime's intra-op threads spinning (its default, as the service
+    runs) and not (`session.intra_op.allow_spinning=0`), measured alternately `rounds`
+    times per (endpoint, batch) so that drifting background load hits both alike."""
+    rows = []
+    plan = [(endpoint, b) for endpoint, sizes in batches.items() for b in sizes]
+    for endpoint, batch in tqdm(plan, desc="raw spinning on/off", unit="batch size"):
+        rates: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(rounds):
+            for graphs in (spinning, still):
+                point = measure(graphs, endpoint, batch, min_seconds=min_seconds, min_iterations=1)
+                rates[graphs.spinning].append(point.items_per_s)
+        on, off = (float(np.mean(rates[k])) for k in (True, False))
+        rows.append(
+            {
+                "endpoint": endpoint,
+                "batch": batch,
+                "spinning_items_per_s": on,
+                "no_spinning_items_per_s": off,
+                "speed_up": off / on,
+                "rates": {"spinning": rates[True], "no_spinning": rates[False]},
+            }
+        )
+    return rows
 
 
 def raw_table(points: list[RawPoint], labels: list[str] | None = None) -> str:

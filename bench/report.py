@@ -57,13 +57,60 @@ def service_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+BREAKDOWN = (
+    "decode_ms",
+    "dispatch_ms",
+    "backbone_ms",
+    "heads_ms",
+    "postprocess_ms",
+    "total_ms",
+    "outside_handler_ms",
+)
+
+
+def breakdown_table(results: dict[str, Any]) -> str:
+    """Medians of the service's own timings in its JSON answers, per level."""
+    lines = [
+        "| scenario | endpoint | concurrency | client p50 | " + " | ".join(BREAKDOWN) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(BREAKDOWN),
+    ]
+    for sc in results["scenarios"]:
+        for lv in sc["levels"]:
+            server = lv.get("server_ms") or {}
+            if not server:
+                continue
+            cells = " | ".join(_f(server.get(k)) for k in BREAKDOWN)
+            lines.append(
+                f"| {sc['name']} | {sc['endpoint']} | {lv['concurrency']} | "
+                f"{_f(lv['latency']['p50_ms'])} | {cells} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else "(no JSON answers)"
+
+
+def spinning_table(results: dict[str, Any]) -> str:
+    rows = results["raw"].get("spinning") or []
+    if not rows:
+        return "(not measured)"
+    lines = [
+        "| endpoint | batch | items/s, spinning (ORT default, as served) | items/s, no spinning "
+        "| speed-up |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['endpoint']} | {r['batch']} | {r['spinning_items_per_s']:.2f} | "
+        f"{r['no_spinning_items_per_s']:.2f} | {r['speed_up']:.2f}x |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
 def paired_raw_table(results: dict[str, Any]) -> str:
     """The raw figures measured right before each sweep that has them."""
     points, labels = [], []
     for sc in results["scenarios"]:
         for p in sc.get("raw_reference", []):
-            points.append(RawPoint(**p))
-            labels.append(f"before {sc['name']} {sc['endpoint']}/{sc['response']}")
+            points.append(RawPoint(**{k: v for k, v in p.items() if k != "label"}))
+            labels.append(f"{p['label']} of {sc['name']} {sc['endpoint']}/{sc['response']}")
     return raw_table(points, labels) if points else "(none)"
 
 
@@ -139,6 +186,11 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         raw_table(points),
         "",
+        "The same loop with ONNX Runtime's idle intra-op threads spinning (its default; the "
+        "service keeps it) and with `session.intra_op.allow_spinning=0`, measured alternately:",
+        "",
+        spinning_table(results),
+        "",
         "## Service, closed loop (concurrency sweep)",
         "",
         "req/s: 200 answers per second (one request = one image for landmarks, one pair for "
@@ -146,8 +198,16 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         service_table(results),
         "",
-        "Raw loop measured again right before each in-process sweep (the targets compare "
-        "with these, taken under the same background load):",
+        "Where the time goes (medians in ms, from the `timings_ms` of JSON answers): "
+        "`dispatch_ms` = time waiting in the batcher + hand-offs (wait_ms - backbone - heads), "
+        "`outside_handler_ms` = client latency - the handler's total_ms (HTTP, middleware, "
+        "serialisation, event-loop queueing).",
+        "",
+        breakdown_table(results),
+        "",
+        "Raw loop run again right before and after the first and the last level of each "
+        "in-process sweep (the targets compare with the mean of these brackets, taken under "
+        "the same background load):",
         "",
         paired_raw_table(results),
         "",
@@ -188,6 +248,8 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
                 if sc["endpoint"] != endpoint or not sc["levels"]:
                     continue
                 xs = [lv["concurrency"] for lv in sc["levels"]]
+                if len(set(xs)) < 2:
+                    continue  # bracketing levels at one concurrency: in the table only
                 if key == "throughput":
                     ys = [lv["throughput_rps"] for lv in sc["levels"]]
                 else:

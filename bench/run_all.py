@@ -1,19 +1,23 @@
 """Every benchmark of docs/BENCH.md in one run, with the issue's targets checked on it.
 
-1. The raw ONNX Runtime loop (`bench.raw_onnx`) at batch sizes 1..16.
+1. The raw ONNX Runtime loop (`bench.raw_onnx`) at batch sizes 1..16, and the same loop with
+   ONNX Runtime's thread spinning off, alternately (what the service would gain).
 2. The service in process (`python -m service`, batching on): concurrency sweeps of
-   /landmarks and /correspond with binary (`application/x-npz`) and JSON answers; then open
-   loops at 150 % and 80 % of the saturation throughput.
-3. The service with batching off (`JLAD_MAX_BATCH_SIZE=1`).
-4. The Redis queue (`JLAD_QUEUE=redis`, a private redis-server, one `python -m
-   service.worker`): one API process, then two (requests alternate between them).
+   /landmarks and /correspond with binary (`application/x-npz`) and JSON answers, the raw
+   loop run right before and after the first and last level of each (the targets compare
+   with these brackets); then open loops at 150 % and 80 % of the saturation throughput.
+3. The Redis queue (`JLAD_QUEUE=redis`, a private redis-server, one `python -m
+   service.worker`): one API process, then two (requests alternate between them), between
+   two saturation levels of an in-process API started beside them.
+4. The service with batching off (`JLAD_MAX_BATCH_SIZE=1`).
 
 Every process is started on a free loopback port and stopped at the end, also on errors and
 Ctrl-C/SIGTERM. Writes `results.json`, `report.md`, `throughput.png`, `p99.png` and the
 processes' logs under `--out`, and prints the targets with pass/miss.
 
-    python -m bench.run_all --out runs/bench            # full run (~6 min on 2 CPU cores)
-    python -m bench.run_all --out /tmp/b --quick        # smoke run (~1 min)
+    python -m bench.run_all --out runs/bench            # full run (~7 min on 2 CPU cores)
+    python -m bench.run_all --out /tmp/b --quick        # smoke run (~1.5 min)
+    python -m bench.run_all --out runs/bench --profile  # + py-spy profiles (extra levels)
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from tqdm import tqdm
 from bench import pyspy, targets
 from bench.common import machine_info, parse_int_list, write_json
 from bench.loadgen import LevelResult, Payload, Target, build_payload, fixed_rate, sweep
-from bench.raw_onnx import RawGraphs, measure_all, raw_result
+from bench.raw_onnx import RawGraphs, measure, measure_all, raw_result, spinning_comparison
 from bench.report import targets_table, write_report
 from bench.services import Stack
 
@@ -181,6 +185,21 @@ class Run:
             None,
         )
 
+    def raw_bracket(self, endpoint: str, batch: int, label: str) -> list[dict[str, Any]]:
+        """One raw measurement of `endpoint` at `batch`, labelled (empty without the raw
+        phase)."""
+        if self.graphs is None:
+            return []
+        cfg = self.config
+        point = measure(
+            self.graphs,
+            endpoint,
+            batch,
+            min_seconds=cfg.raw_seconds,
+            min_iterations=cfg.raw_min_iterations,
+        )
+        return [{"label": label, **asdict(point)}]
+
     def sweep(
         self,
         name: str,
@@ -189,36 +208,37 @@ class Run:
         response: str,
         concurrencies: list[int],
         *,
-        paired_raw: bool = False,
+        bracket_raw: bool = False,
         **about: Any,
     ) -> dict[str, Any]:
-        """A concurrency sweep; with `paired_raw`, the raw loop's batch-1 and full-batch
-        figures of the endpoint are measured again right before it (while the service idles),
-        so that the targets compare figures taken under the same background load."""
+        """A concurrency sweep, level by level. With `bracket_raw`, the raw loop runs right
+        before and right after the first level (at batch 1) and the last level (at the full
+        batch size), while the service idles: the targets compare each level with the mean
+        of its two brackets, taken under the same background load (the machine is shared,
+        and that load drifts by tens of per cent within minutes)."""
         cfg = self.config
-        reference = []
-        if paired_raw and self.graphs is not None:
-            full = targets.jobs_per_batch(endpoint, cfg.max_batch_size)
-            reference = [
-                asdict(p)
-                for p in measure_all(
-                    self.graphs,
-                    {endpoint: sorted({1, full})},
-                    min_seconds=cfg.raw_seconds,
-                    min_iterations=cfg.raw_min_iterations,
+        payload = self.payload(endpoint, response)
+        full = targets.jobs_per_batch(endpoint, cfg.max_batch_size)
+        reference: list[dict[str, Any]] = []
+        levels: list[LevelResult] = []
+        for i, c in enumerate(concurrencies):
+            brackets = [1] if i == 0 else []
+            brackets += [full] if i == len(concurrencies) - 1 else []
+            for batch in brackets if bracket_raw else []:
+                reference += self.raw_bracket(endpoint, batch, f"before c={c}")
+            levels += asyncio.run(
+                sweep(
+                    target,
+                    payload,
+                    [c],
+                    warmup_s=cfg.warmup_s,
+                    duration_s=cfg.seconds,
+                    max_requests=cfg.max_requests,
+                    label=f"{name} {endpoint}/{response}",
                 )
-            ]
-        levels = asyncio.run(
-            sweep(
-                target,
-                self.payload(endpoint, response),
-                concurrencies,
-                warmup_s=cfg.warmup_s,
-                duration_s=cfg.seconds,
-                max_requests=cfg.max_requests,
-                label=f"{name} {endpoint}/{response}",
             )
-        )
+            for batch in brackets if bracket_raw else []:
+                reference += self.raw_bracket(endpoint, batch, f"after c={c}")
         doc = {
             "name": name,
             "endpoint": endpoint,
@@ -261,6 +281,7 @@ class Run:
             if scenario is not None:
                 found.append(targets.throughput_check(scenario, self.raw, cfg.max_batch_size))
                 found.append(targets.latency_check(scenario, self.raw))
+                found.append(targets.in_run_overhead_check(scenario))
         local = self.find("in-process", "landmarks", "npz")
         for item in self.load:
             if item["fraction"] > 1:
@@ -271,10 +292,12 @@ class Run:
                         item["level"], local, self.raw, cfg.max_batch_size, cfg.max_wait_ms
                     )
                 )
+        # The in-process levels run right before and after the Redis ones, else the sweep's.
+        bracket = self.find("in-process-bracket", "landmarks", "npz") or local
         for name in ("redis-1api", "redis-2api"):
             redis_scenario = self.find(name, "landmarks", "npz")
-            if local is not None and redis_scenario is not None:
-                found.append(targets.redis_check(redis_scenario, local))
+            if bracket is not None and redis_scenario is not None:
+                found.append(targets.redis_check(redis_scenario, bracket))
         return found
 
 
@@ -284,9 +307,8 @@ class Run:
 def run_raw(run: Run) -> None:
     cfg = run.config
     batches = sorted({*cfg.raw_batches, 1, cfg.max_batch_size})
-    pairs = sorted(
-        {*cfg.raw_pair_batches, 1, targets.jobs_per_batch("correspond", cfg.max_batch_size)}
-    )
+    full_pairs = targets.jobs_per_batch("correspond", cfg.max_batch_size)
+    pairs = sorted({*cfg.raw_pair_batches, 1, full_pairs})
     graphs = RawGraphs(cfg.model_dir, cfg.model, cfg.precision, cfg.providers, cfg.threads)
     points = measure_all(
         graphs,
@@ -296,6 +318,16 @@ def run_raw(run: Run) -> None:
     )
     run.raw = raw_result(graphs, points, cfg.threads)
     run.graphs = graphs
+    if graphs.provider == "CPUExecutionProvider" and cfg.threads != 1:
+        still = RawGraphs(
+            cfg.model_dir, cfg.model, cfg.precision, cfg.providers, cfg.threads, spinning=False
+        )
+        run.raw["spinning"] = spinning_comparison(
+            graphs,
+            still,
+            {"landmarks": sorted({1, cfg.max_batch_size}), "correspond": [1, full_pairs]},
+            min_seconds=cfg.raw_seconds / 2,
+        )
 
 
 def load_warmup_s(cfg: Config, fraction: float, saturation_rps: float) -> float:
@@ -391,7 +423,7 @@ def run_local(run: Run, with_load: bool) -> None:
         for endpoint, response in LOCAL_SWEEPS:
             concurrencies = cfg.concurrency if endpoint == "landmarks" else cfg.pair_concurrency
             run.sweep(
-                "in-process", target, endpoint, response, concurrencies, paired_raw=True, **about
+                "in-process", target, endpoint, response, concurrencies, bracket_raw=True, **about
             )
         if with_load:
             run_load(run, target)
@@ -409,13 +441,20 @@ def run_nobatch(run: Run) -> None:
 
 
 def run_redis(run: Run) -> None:
+    """Redis queue with one, then two API processes and one worker. An in-process API runs
+    beside them (idle meanwhile) for a saturation level right before and right after, the
+    in-process reference of the Redis target under the same background load."""
     cfg = run.config
+    top = max(cfg.short_concurrency)
     with run.stack("redis") as stack:
         redis_url = stack.redis()
         settings = cfg.settings(JLAD_QUEUE="redis", JLAD_REDIS_URL=redis_url)
         worker, worker_url = stack.worker("worker", settings)
         api1, url1 = stack.api("api-1", settings)
+        _, url_local = stack.api("api-in-process", cfg.settings())
+        local = Target([url_local], [url_local])
         about = {"queue": "redis", "batching": True, "workers": 1}
+        before = run.sweep("in-process-bracket", local, "landmarks", "npz", [top], apis=1)
         run.sweep(
             "redis-1api",
             Target([url1], [worker_url]),
@@ -428,6 +467,11 @@ def run_redis(run: Run) -> None:
         _, url2 = stack.api("api-2", settings)
         both = Target([url1, url2], [worker_url])
         run.sweep("redis-2api", both, "landmarks", "npz", cfg.short_concurrency, apis=2, **about)
+        after = run.sweep("in-process-bracket", local, "landmarks", "npz", [top], apis=1)
+        # One scenario with both bracket levels, so the report and plots show it once.
+        run.scenarios.remove(after)
+        before["levels"] += after["levels"]
+        before["queue"] = "local"
         if cfg.profile:
             processes = {"redis-worker": worker.pid, "redis-api-1": api1.pid}
             profile_level(run, processes, both, "Redis queue, 2 APIs, /landmarks npz")

@@ -71,7 +71,7 @@ class SemanticAligner(nn.Module):
         self,
         grid_size: tuple[int, int],
         width: int = 128,
-        beta: float = 30.0,
+        beta: float = 100.0,
         max_residual: float = 0.25,
     ) -> None:
         super().__init__()

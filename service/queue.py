@@ -92,6 +92,7 @@ class RedisDispatcher:
         self._waiting: dict[str, asyncio.Future[InferenceResult]] = {}
         self._answered: OrderedDict[str, None] = OrderedDict()
         self._accepting = False
+        self._closed = False
         self._healthy = False
         self._last_error: str | None = "not connected to Redis yet"
         self._run_id: str | None = None
@@ -145,7 +146,7 @@ class RedisDispatcher:
             "queue_length": self._state.length,
             "queue_lag": self._state.lag,
             "queue_pending": self._state.pending,
-            "workers": self._state.consumers,
+            "consumers": self._state.consumers,
             "max_queue": self.settings.max_queue,
             "last_error": None if self._healthy else self._last_error,
             **({} if self.ready else {"not_ready_reason": self.not_ready_reason()}),
@@ -193,10 +194,12 @@ class RedisDispatcher:
         while self._waiting and time.monotonic() < until and self._task and not self._task.done():
             await asyncio.sleep(0.05)
         self._fail_waiting(ShuttingDown("the service shut down before the result arrived"))
+        self._closed = True
         if self._task is not None:
+            # A cancellation can get lost inside redis-py (tests saw the loop go on after
+            # cancel()); `_closed` ends the loop regardless, and the wait is bounded.
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=READ_BLOCK_MS / 1000 + 1)
         if self._client is not None:
             # Nobody reads this reply stream any more; it would expire anyway.
             with contextlib.suppress(redis.RedisError, OSError):
@@ -257,7 +260,7 @@ class RedisDispatcher:
         assert self._reader is not None and self._client is not None
         backoff = 0.1
         state_read_at = 0.0
-        while True:
+        while not self._closed:
             try:
                 if not self._healthy:
                     await self._connect()
@@ -276,10 +279,14 @@ class RedisDispatcher:
             except asyncio.CancelledError:
                 raise
             except (*UNREACHABLE, redis.RedisError) as exc:
+                if self._closed:
+                    return
                 self._mark_down(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
             except Exception as exc:
+                if self._closed:
+                    return
                 log.exception("redis queue: reply loop error")
                 self._mark_down(exc)
                 await asyncio.sleep(1.0)

@@ -22,10 +22,12 @@ from bench.loadgen import (
     Sample,
     Target,
     batch_counters,
+    batch_delta,
     build_payload,
     closed_loop_throughput,
     fixed_rate,
     require_loopback,
+    server_breakdown,
     summarise,
     sweep,
 )
@@ -80,6 +82,20 @@ def test_summarise_splits_statuses_latencies_and_deadlines() -> None:
     assert level.errors == 2
 
 
+def test_server_breakdown_splits_the_latency() -> None:
+    timings = {"decode_ms": 2.0, "wait_ms": 110.0, "backbone_ms": 90.0, "heads_ms": 10.0}
+    samples = [
+        Sample(0.0, 0.130, 200, timings={**timings, "total_ms": 120.0}),
+        Sample(1.0, 1.140, 200, timings={**timings, "total_ms": 126.0}),
+        Sample(2.0, 2.100, 200),  # an answer without timings (npz) is left out
+    ]
+    breakdown = server_breakdown(samples)
+    assert breakdown["outside_handler_ms"] == pytest.approx(12.0)  # median of 10 and 14
+    assert breakdown["dispatch_ms"] == pytest.approx(10.0)
+    assert breakdown["total_ms"] == pytest.approx(123.0)
+    assert server_breakdown(samples[2:]) == {}
+
+
 def test_batch_counters_sum_the_batcher_histograms() -> None:
     text = "\n".join(
         [
@@ -92,10 +108,21 @@ def test_batch_counters_sum_the_batcher_histograms() -> None:
             "# TYPE jlad_batch_size_jobs histogram",
             'jlad_batch_size_jobs_count{model="objects"} 4.0',
             'jlad_batch_size_jobs_sum{model="objects"} 7.0',
+            "# TYPE jlad_batch_duration_seconds histogram",
+            'jlad_batch_duration_seconds_count{model="objects"} 4.0',
+            'jlad_batch_duration_seconds_sum{model="objects"} 0.5',
             "",
         ]
     )
-    assert batch_counters(text) == {"images_sum": 12.0, "jobs_sum": 7.0, "batches": 5.0}
+    counters = batch_counters(text)
+    assert counters == {"images_sum": 12.0, "jobs_sum": 7.0, "seconds_sum": 0.5, "batches": 5.0}
+    later = {"images_sum": 20.0, "jobs_sum": 11.0, "seconds_sum": 1.5, "batches": 9.0}
+    assert batch_delta(counters, later) == {
+        "batches": 4.0,
+        "avg_images": 2.0,
+        "avg_jobs": 1.0,
+        "avg_ms": 250.0,
+    }
 
 
 def _level(**overrides: Any) -> dict[str, Any]:
@@ -129,10 +156,12 @@ def test_targets_compare_with_the_paired_raw_figures() -> None:
         "name": "in-process",
         "endpoint": "landmarks",
         "response": "npz",
-        # Measured right before the sweep: these win over the raw table.
+        # Bracketing runs: these win over the raw table, averaged.
         "raw_reference": [
-            _raw_point("landmarks", 1, 10.0, 98.0),
-            _raw_point("landmarks", 8, 20.0, 400.0),
+            _raw_point("landmarks", 1, 10.0, 97.0),
+            _raw_point("landmarks", 1, 10.0, 99.0),
+            _raw_point("landmarks", 8, 15.0, 350.0),
+            _raw_point("landmarks", 8, 25.0, 450.0),
         ],
         "levels": [
             _level(concurrency=1, throughput_rps=9.0, latency={"p50_ms": 104.0, "p99_ms": 1}),
@@ -142,9 +171,15 @@ def test_targets_compare_with_the_paired_raw_figures() -> None:
     throughput = targets.throughput_check(scenario, raw, max_batch_size=8)
     assert throughput.measured == pytest.approx(17.5 / 20.0)
     assert throughput.passed is True  # 0.875 >= 0.85
+    assert "15.00..25.00/s" in throughput.detail
     latency = targets.latency_check(scenario, raw)
     assert latency.measured == pytest.approx(6.0)
     assert latency.passed is False  # 6 ms > 5 ms
+    scenario["levels"][0]["latency"]["mean_ms"] = 103.0
+    scenario["levels"][0]["batch"] = {"avg_ms": 99.5, "batches": 12}
+    in_run = targets.in_run_overhead_check(scenario)
+    assert in_run.measured == pytest.approx(3.5)
+    assert in_run.passed is True
 
     moderate = targets.moderate_load_check(
         _level(latency={"p50_ms": 300.0, "p99_ms": 800.0}), scenario, raw, 8, 5.0
@@ -171,7 +206,15 @@ def test_overload_and_redis_checks() -> None:
     nothing_rejected = targets.overload_checks(_level())[0]
     assert nothing_rejected.passed is None  # no 429 at all: not measured, not a pass
 
-    local = {"name": "in-process", "levels": [_level(throughput_rps=10.0)]}
+    # The in-process reference: the mean of the levels at its top concurrency.
+    local = {
+        "name": "in-process-bracket",
+        "levels": [
+            _level(concurrency=16, throughput_rps=9.0),
+            _level(concurrency=16, throughput_rps=11.0),
+            _level(concurrency=1, throughput_rps=50.0),
+        ],
+    }
     redis_levels = [_level(throughput_rps=8.0), _level(throughput_rps=8.6)]
     check = targets.redis_check({"name": "redis-1api", "levels": redis_levels}, local)
     assert check.measured == pytest.approx(0.86)
@@ -271,6 +314,13 @@ def test_run_all_quick_measures_every_scenario(model_dir: Path, tmp_path: Path) 
     assert results["failures"] == [] and code == 0
     assert results["quick"] is True and results["machine"]["nproc"] >= 1
     assert {p["endpoint"] for p in results["raw"]["points"]} == {"landmarks", "correspond"}
+    spinning = results["raw"]["spinning"]  # ORT threads spinning on/off, alternately
+    assert {(r["endpoint"], r["batch"]) for r in spinning} == {
+        ("landmarks", 1),
+        ("landmarks", 2),
+        ("correspond", 1),
+    }
+    assert all(len(r["rates"]["no_spinning"]) == 2 and r["speed_up"] > 0 for r in spinning)
     names = {(s["name"], s["endpoint"], s["response"]) for s in results["scenarios"]}
     assert names == {
         ("in-process", "landmarks", "npz"),
@@ -280,9 +330,11 @@ def test_run_all_quick_measures_every_scenario(model_dir: Path, tmp_path: Path) 
         ("no-batching", "landmarks", "npz"),
         ("redis-1api", "landmarks", "npz"),
         ("redis-2api", "landmarks", "npz"),
+        ("in-process-bracket", "landmarks", "npz"),
     }
     for scenario in results["scenarios"]:
-        assert [lv["concurrency"] for lv in scenario["levels"]] == [1, 2]
+        expected = [2, 2] if scenario["name"] == "in-process-bracket" else [1, 2]
+        assert [lv["concurrency"] for lv in scenario["levels"]] == expected
         for level in scenario["levels"]:
             assert level["statuses"].get("200", 0) > 0, (scenario["name"], level["statuses"])
             assert level["batch"]["batches"] > 0
@@ -293,6 +345,13 @@ def test_run_all_quick_measures_every_scenario(model_dir: Path, tmp_path: Path) 
         "80 % load: p99 latency",
         "redis-2api / in-process at saturation",
     }
+    # The Redis target compares with the in-process levels that bracket the Redis ones.
+    (bracket,) = [s for s in results["scenarios"] if s["name"] == "in-process-bracket"]
+    in_process = np.mean([lv["throughput_rps"] for lv in bracket["levels"]])
+    (redis_1api,) = [s for s in results["scenarios"] if s["name"] == "redis-1api"]
+    (check,) = [t for t in results["targets"] if t["name"].startswith("redis-1api")]
+    best = max(lv["throughput_rps"] for lv in redis_1api["levels"])
+    assert check["measured"] == pytest.approx(best / in_process)
     report = (out / "report.md").read_text()
     assert "## Targets" in report and "redis-2api" in report
     for png in ("throughput.png", "p99.png"):

@@ -310,6 +310,30 @@ def test_a_job_the_models_reject_fails_alone_and_its_batch_mates_succeed(
     worker.close()
 
 
+def test_dispatcher_closes_promptly_while_its_reader_is_blocked(
+    model_dir: Path, server: RedisServer
+) -> None:
+    settings = queue_settings(model_dir, server.url)
+
+    async def start_and_close() -> list[float]:
+        seconds = []
+        for pause_s in (0.1, 0.6):
+            dispatcher = RedisDispatcher(settings, ServiceMetrics())
+            await dispatcher.start()
+            for _ in range(100):
+                if dispatcher.ready:
+                    break
+                await asyncio.sleep(0.05)
+            assert dispatcher.ready
+            await asyncio.sleep(pause_s)  # somewhere inside a 1 s blocking XREAD
+            started = time.monotonic()
+            await asyncio.wait_for(dispatcher.close(0), timeout=10)
+            seconds.append(time.monotonic() - started)
+        return seconds
+
+    assert max(asyncio.run(start_and_close())) < 2.5
+
+
 def test_redis_outage_fast_503_and_waiting_requests_are_not_left_hanging(
     model_dir: Path, tmp_path: Path, pool: ThreadPoolExecutor
 ) -> None:
