@@ -67,7 +67,8 @@ def machine_info() -> dict[str, Any]:
 def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
     """p50/p95/p99, mean and max of `seconds`, in milliseconds (None when empty)."""
     if not seconds:
-        return {f"p{p}_ms": None for p in PERCENTILES} | {"mean_ms": None, "max_ms": None}
+        empty: dict[str, float | None] = {f"p{p}_ms": None for p in PERCENTILES}
+        return empty | {"mean_ms": None, "max_ms": None}
     ms = np.asarray(seconds, np.float64) * 1000.0
     summary: dict[str, float | None] = {
         f"p{p}_ms": float(np.percentile(ms, p)) for p in PERCENTILES
@@ -95,7 +96,8 @@ def synthetic_rgb(height: int, width: int, seed: int = 0) -> NDArray[np.uint8]:
         blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * radius**2))
         image += blob[..., None] * rng.uniform(-0.6, 0.6, 3).astype(np.float32)
     image += rng.normal(0, 0.03, image.shape).astype(np.float32)
-    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+    rgb: NDArray[np.uint8] = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+    return rgb
 
 
 def encode_image(rgb: NDArray[np.uint8], fmt: str) -> bytes:

@@ -234,7 +234,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter
 
     written = []
     batch_size = results["config"]["max_batch_size"]
@@ -266,7 +266,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
                         label=f"raw ONNX Runtime, batch {batch}",
                     )
             ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
             ax.set_xlabel("concurrency (closed-loop clients)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"/{endpoint}")

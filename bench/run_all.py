@@ -50,8 +50,12 @@ from bench.services import Stack
 log = logging.getLogger("bench.run_all")
 
 SCENARIOS = ("raw", "local", "nobatch", "redis", "load")
-LOCAL_SWEEPS = (("landmarks", "npz"), ("landmarks", "json"), ("correspond", "npz"))
-LOCAL_SWEEPS += (("correspond", "json"),)
+LOCAL_SWEEPS: tuple[tuple[str, str], ...] = (
+    ("landmarks", "npz"),
+    ("landmarks", "json"),
+    ("correspond", "npz"),
+    ("correspond", "json"),
+)
 
 
 @dataclass
@@ -419,7 +423,7 @@ def run_local(run: Run, with_load: bool) -> None:
     with run.stack("in-process") as stack:
         api, url = stack.api("api", cfg.settings())
         target = Target([url], [url])
-        about = {"queue": "local", "batching": True, "apis": 1}
+        about: dict[str, Any] = {"queue": "local", "batching": True, "apis": 1}
         for endpoint, response in LOCAL_SWEEPS:
             concurrencies = cfg.concurrency if endpoint == "landmarks" else cfg.pair_concurrency
             run.sweep(
@@ -436,7 +440,7 @@ def run_nobatch(run: Run) -> None:
     with run.stack("no-batching") as stack:
         _, url = stack.api("api", cfg.settings(JLAD_MAX_BATCH_SIZE="1"))
         target = Target([url], [url])
-        about = {"queue": "local", "batching": False, "apis": 1}
+        about: dict[str, Any] = {"queue": "local", "batching": False, "apis": 1}
         run.sweep("no-batching", target, "landmarks", "npz", cfg.short_concurrency, **about)
 
 
@@ -453,7 +457,7 @@ def run_redis(run: Run) -> None:
         api1, url1 = stack.api("api-1", settings)
         _, url_local = stack.api("api-in-process", cfg.settings())
         local = Target([url_local], [url_local])
-        about = {"queue": "redis", "batching": True, "workers": 1}
+        about: dict[str, Any] = {"queue": "redis", "batching": True, "workers": 1}
         before = run.sweep("in-process-bracket", local, "landmarks", "npz", [top], apis=1)
         run.sweep(
             "redis-1api",

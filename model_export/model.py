@@ -97,6 +97,10 @@ class JLAD(nn.Module):
             config.landmark_uses_features,
         )
         self.aligner = SemanticAligner(self.grid_size, config.head_width)
+        # Frozen from the start: a module is built in training mode, and BatchNorm would
+        # otherwise use batch statistics (and drift its running ones) in the first
+        # forward passes, e.g. when training caches the backbone's features.
+        self.backbone.eval()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 

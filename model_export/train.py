@@ -38,7 +38,7 @@ from model_export import losses
 from model_export.checkpoint import save_checkpoint
 from model_export.data import MTFLFaces, list_images, load_image, split_indices
 from model_export.model import JLAD, ModelConfig
-from model_export.warps import WarpConfig, warp_feature_pair
+from model_export.warps import SyntheticPair, WarpConfig, make_synthetic_pair, warp_feature_pair
 
 log = logging.getLogger("jlad.train")
 
@@ -130,11 +130,30 @@ def sample_pairs(groups: Tensor, batch: int, rng: random.Random) -> tuple[list[i
 # --- steps -------------------------------------------------------------------------------------
 
 
-def align_step_synthetic(
-    model: JLAD, cached: Tensor, warp: WarpConfig, gen: torch.Generator
-) -> dict[str, Tensor]:
+def synthetic_feature_pair(
+    model: JLAD,
+    index: Tensor,
+    cached: Tensor,
+    images: Tensor | None,
+    warp: WarpConfig,
+    gen: torch.Generator,
+) -> SyntheticPair:
+    """A synthetic pair as frozen-backbone features with its true mapping.
+
+    With `images`, the images are warped and the backbone runs on both (the method as
+    specified); without, the cached feature maps are warped (the cheap CPU approximation).
+    """
+    if images is None:
+        return warp_feature_pair(cached[index].float(), warp, gen)
+    pair = make_synthetic_pair(images[index], model.grid_size, warp, gen)
+    with torch.no_grad():
+        source = model.backbone_features(pair.source)
+        target = model.backbone_features(pair.target)
+    return SyntheticPair(source, target, pair.field, pair.mapping, pair.valid)
+
+
+def align_step_synthetic(model: JLAD, pair: SyntheticPair) -> dict[str, Tensor]:
     """Pre-training of {W_F adapter, W_A, W_C}: known warp + eq. 2-3."""
-    pair = warp_feature_pair(cached.float(), warp, gen)
     fs, ft = model.adapt(pair.source), model.adapt(pair.target)
     out = model.align(fs, ft)
     supervised = losses.flow_supervision_loss(
@@ -168,15 +187,10 @@ class LandmarkTerms:
 
 
 def landmark_step_synthetic(
-    model: JLAD,
-    cached: Tensor,
-    warp: WarpConfig,
-    gen: torch.Generator,
-    terms: LandmarkTerms = LandmarkTerms(),
+    model: JLAD, pair: SyntheticPair, terms: LandmarkTerms = LandmarkTerms()
 ) -> dict[str, Tensor]:
     """Pre-training of {W_F adapter, W_D}: eq. 6 on both images, eq. 7 with the known
     warp (equivariance: landmarks must move with the image)."""
-    pair = warp_feature_pair(cached.float(), warp, gen)
     ls = model.landmarks(terms.features(model.adapt(pair.source)))
     lt = model.landmarks(terms.features(model.adapt(pair.target)))
     landmark = terms(ls) + terms(lt)
@@ -272,6 +286,12 @@ def run_training(
     groups = data.groups
     warp = WarpConfig(**config.get("warp", {}))
     terms = LandmarkTerms(**config.get("landmark_loss", {}))
+    # `synthetic_space: images` warps the images and reruns the backbone (as specified);
+    # `features` (the CPU default for the big runs) warps the cached feature maps.
+    space = config.get("synthetic_space", "features")
+    if space not in ("features", "images"):
+        raise ValueError(f"synthetic_space must be 'features' or 'images', got {space!r}")
+    warp_images = data.images if space == "images" else None
     batch = int(config.get("batch_size", 8))
     stages = config["stages"]
     model.train()
@@ -295,10 +315,11 @@ def run_training(
                 step_kind = "align" if it % 2 == 0 else "landmarks"
             if stage.get("data", "synthetic") == "synthetic":
                 idx = torch.randint(len(cached), (batch,), generator=gen)
+                pair = synthetic_feature_pair(model, idx, cached, warp_images, warp, gen)
                 if step_kind == "align":
-                    metrics = align_step_synthetic(model, cached[idx], warp, gen)
+                    metrics = align_step_synthetic(model, pair)
                 else:
-                    metrics = landmark_step_synthetic(model, cached[idx], warp, gen, terms)
+                    metrics = landmark_step_synthetic(model, pair, terms)
             else:
                 a, b = sample_pairs(groups, batch, rng)
                 metrics = joint_step(model, cached[a], cached[b], step_kind, terms)

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 BatchRunner = Callable[[Sequence[InferenceJob]], list[InferenceResult]]
 
 
-@dataclass
+# eq=False: identity comparison. The generated __eq__ would compare the jobs' numpy arrays
+# (slow, and ambiguous-truth errors) whenever an entry is looked up in the queue.
+@dataclass(eq=False)
 class _Entry:
     job: InferenceJob
     future: asyncio.Future[InferenceResult]

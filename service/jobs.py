@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 F32 = NDArray[np.float32]
 
 
-@dataclass
+@dataclass(eq=False)  # identity, never array-by-array comparison
 class InferenceJob:
     """One request's model work.
 

@@ -237,3 +237,12 @@ def test_upsample2_is_nearest_interpolation() -> None:
 
     x = torch.randn(2, 3, 4, 5)
     assert torch.equal(upsample2(x), F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def test_a_new_model_never_touches_the_backbone_statistics() -> None:
+    model = JLAD(ModelConfig(input_size=(64, 64)), pretrained=False)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    with torch.no_grad():
+        model.backbone_features(torch.rand(4, 3, 64, 64))
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
