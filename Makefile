@@ -54,7 +54,7 @@ train-faces: setup  ## train the default `faces` model
 evaluate: setup  ## evaluate both default checkpoints on the data sets
 	$(PY) -m model_export.evaluate all --checkpoints checkpoints --data $(DATA) --out runs/eval
 
-bench: setup models  ## benchmarks on this machine (see bench/README.md)
+bench: setup models  ## benchmarks on this machine (see docs/BENCH.md)
 	$(PY) -m bench.run_all --out runs/bench
 
 clean:
