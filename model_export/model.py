@@ -9,7 +9,7 @@ image (B, 3, H, W) in [0, 1]
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -34,7 +34,6 @@ class ModelConfig:
     landmark_uses_features: bool = True
     head_width: int = 128
     backbone_weights: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +28,8 @@ from jlad_client import (
     TransportError,
 )
 from jlad_client.client import parse_retry_after
+
+from tests.service_support import free_port
 
 MODELS_BODY = {
     "default_model": "objects",
@@ -271,14 +272,8 @@ def test_async_client_retries_429(server: tuple[str, Script]) -> None:
     assert script.received[0][3].get("X-Deadline-Ms") == "5000"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_unreachable_service_raises_transport_error_after_retries() -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     policy = RetryPolicy(max_retries=2, backoff_s=0.05, jitter=0.0)
     started = time.monotonic()
     with JladClient(url, retry=policy, timeout=2) as client, pytest.raises(TransportError):

@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -37,6 +36,8 @@ from jlad_client.sequence import propagate_sequence
 from numpy.typing import NDArray
 from PIL import Image
 
+from tests.service_support import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "client-test-key"
 
@@ -48,15 +49,9 @@ class Service:
     log: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def service(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("service") / "service.log"
     env = {
         **os.environ,
@@ -456,7 +451,7 @@ def test_cli_reports_errors_with_exit_codes(service: Service, tmp_path: Path) ->
             "jlad_client.cli",
             "models",
             "--url",
-            f"http://127.0.0.1:{_free_port()}",
+            f"http://127.0.0.1:{free_port()}",
             "--retries",
             "0",
         ],

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import struct
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from tests.service_support import (
     astronaut,
     chelsea,
     encode,
+    png_declaring,
     serve,
     service_settings,
 )
@@ -56,22 +55,6 @@ def client(server: RunningServer) -> Iterator[httpx.Client]:
 SMALL = np.ascontiguousarray(chelsea()[::4, ::4])  # (75, 113, 3)
 SMALL_PNG = encode(SMALL)
 NOISE = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG whose header declares width x height, with (far too little) pixel data."""
-
-    def chunk(tag: bytes, payload: bytes) -> bytes:
-        crc = zlib.crc32(tag + payload) & 0xFFFFFFFF
-        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def corrupt_png() -> bytes:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ from service.imaging import (
     to_model_input,
 )
 from service.problems import Problem
-from tests.service_support import encode
+from tests.service_support import encode, png_declaring
 
 LIMITS = ImageLimits(max_pixels=4_000_000, min_side=8)
 
@@ -37,22 +35,6 @@ def noise(height: int = 64, width: int = 64) -> np.ndarray:
 
 def kind_of(exc: pytest.ExceptionInfo[Problem]) -> str:
     return exc.value.kind.slug
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG with a valid IHDR declaring width x height and a tiny (wrong) data chunk."""
-
-    def chunk(tag: bytes, payload: bytes) -> bytes:
-        crc = zlib.crc32(tag + payload) & 0xFFFFFFFF
-        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-        + chunk(b"IEND", b"")
-    )
 
 
 def test_rgb_png_round_trips_exactly() -> None:
@@ -113,7 +95,7 @@ def test_exif_orientation_is_applied() -> None:
 
 def test_too_many_pixels_is_refused_before_decoding() -> None:
     with pytest.raises(Problem) as exc:
-        decode_image(png_header_only(20000, 20000), LIMITS)
+        decode_image(png_declaring(20000, 20000), LIMITS)
     assert kind_of(exc) == "image-too-large"
     assert exc.value.kind.status == 413
 
