@@ -9,7 +9,7 @@ DATA ?= ../shared/data
 MODELS := models/objects/1/manifest.json models/faces/1/manifest.json
 CHECKPOINTS := $(wildcard checkpoints/*/model.safetensors checkpoints/*/config.json)
 
-.PHONY: help setup models run test lint typecheck unit train-objects train-faces evaluate bench clean
+.PHONY: help setup models run test lint typecheck unit train-objects train-faces evaluate ablation bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -53,6 +53,11 @@ train-faces: setup  ## train the default `faces` model
 
 evaluate: setup  ## evaluate both default checkpoints on the data sets
 	$(PY) -m model_export.evaluate all --checkpoints checkpoints --data $(DATA) --out runs/eval
+
+ablation: setup  ## the README's ablation table (objects; ~35 min on 2 CPU cores)
+	$(PY) -m model_export.ablate --config configs/objects.yaml --data $(DATA) --tasks pfwillow tss \
+		--scale 0.2 --variants untrained "alignment alone" "joint (the method)" "joint, no sigma" \
+		--threads 1 --out runs/ablation/objects
 
 bench: setup models  ## benchmarks on this machine (see docs/BENCH.md)
 	$(PY) -m bench.run_all --out runs/bench

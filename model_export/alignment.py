@@ -1,9 +1,20 @@
 """The semantic alignment network: W_A (transformation field tau) and W_C (uncertainty).
 
-Cross-similarity (eq. 1) -> a base field by soft-argmax over the target cells -> an
+Cross-similarity (eq. 1) -> neighbourhood consensus (optional, `similarity.
+neighbourhood_consensus`) -> a base field by soft-argmax over the target cells -> an
 encoder-decoder W_A that predicts a residual correction -> tau as a `mapping`: for each
 source cell, the normalised (x, y) of its match in the target. W_C predicts s = log(sigma)
-per source cell from the decoder's features and how peaked the matching distribution is.
+per source cell from the decoder's features and how peaked the matching distribution is;
+s weighs the losses (eq. 3, eq. 7 with c = sigmoid(-s)).
+
+Choice: the `confidence` served with each match is its forward-backward consistency,
+exp(-e^2 / 2) with e the distance in cells between a source cell and where its match maps
+back (the reverse field is the soft-argmax of the same similarity volume over the source
+cells, so it costs no second correlation). On the TSS sample with the committed `objects`
+model it separates correct from wrong matches with ROC AUC 0.86 (`evaluate tss` reports it),
+where sigmoid(-s) of the CPU-trained W_C scored 0.51-0.52 in a development check (s stays
+near its mean everywhere); and it means the same thing for every model: 0.5 is a match that
+comes back within 1.2 cells.
 
 Choice: starting from the soft-argmax field means an untrained W_A already matches like
 nearest neighbours; training moves the features (adapter) and the residual.
@@ -14,11 +25,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_export.geometry import cell_centres
-from model_export.similarity import cosine_cross_similarity
+from model_export.geometry import cell_centres, warp_by_mapping
+from model_export.similarity import (
+    cosine_cross_similarity,
+    neighbourhood_consensus,
+    normalise_volume,
+)
 
 
 def soft_argmax_mapping(
@@ -38,6 +52,22 @@ def soft_argmax_mapping(
     grid = cell_centres(ht, wt, like=similarity).reshape(ht * wt, 2)
     mapping = torch.einsum("bnhw,nc->bchw", prob, grid)
     return mapping, prob.amax(dim=1, keepdim=True)
+
+
+def forward_backward_consistency(
+    scores: Tensor, mapping: Tensor, beta: Tensor | float, grid_size: tuple[int, int]
+) -> Tensor:
+    """exp(-e^2 / 2) per source cell, (B, 1, h, w): e = distance in cells between the cell
+    and where its match (`mapping`, (B, 2, h, w)) maps back under the reverse soft-argmax
+    field of `scores` (B, ht*wt, h, w), the similarity volume `mapping` was derived from."""
+    h, w = grid_size
+    reverse_scores = scores.reshape(-1, h * w, h * w).transpose(1, 2).reshape(-1, h * w, h, w)
+    reverse, _ = soft_argmax_mapping(reverse_scores, beta, grid_size)
+    back = warp_by_mapping(reverse, mapping, padding="border")
+    centres = cell_centres(h, w, like=mapping).permute(2, 0, 1).unsqueeze(0)
+    cells = mapping.new_tensor([w / 2, h / 2]).view(1, 2, 1, 1)
+    error2 = ((back - centres) * cells).pow(2).sum(dim=1, keepdim=True)
+    return torch.exp(-0.5 * error2)
 
 
 def _target_grid(n: int, h: int, w: int) -> tuple[int, int]:
@@ -64,7 +94,7 @@ def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 class SemanticAligner(nn.Module):
     """W_A + W_C: (source, target) features (B, C, h, w) -> mapping (B, 2, h, w),
-    log_sigma (B, 1, h, w), confidence = sigmoid(-log_sigma) (B, 1, h, w).
+    log_sigma (B, 1, h, w) from W_C, confidence (B, 1, h, w) = forward-backward consistency.
     """
 
     def __init__(
@@ -73,10 +103,12 @@ class SemanticAligner(nn.Module):
         width: int = 128,
         beta: float = 100.0,
         max_residual: float = 0.25,
+        consensus: bool = True,
     ) -> None:
         super().__init__()
         h, w = grid_size
         self.grid_size = (int(h), int(w))
+        self.consensus = consensus
         if h % 4 or w % 4:
             raise ValueError(f"feature grid {h}x{w} must be divisible by 4")
         self.log_beta = nn.Parameter(torch.tensor(math.log(beta)))
@@ -96,10 +128,11 @@ class SemanticAligner(nn.Module):
         self.uncertainty = nn.Sequential(_conv(width + 1, 64), nn.Conv2d(64, 1, 3, padding=1))
 
     def forward(self, source: Tensor, target: Tensor) -> dict[str, Tensor]:
-        raw = cosine_cross_similarity(source, target)
-        base, peak = soft_argmax_mapping(raw, self.log_beta.exp(), self.grid_size)
-        volume = F.relu(raw)
-        volume = volume / (volume.norm(dim=1, keepdim=True) + 1e-6)
+        scores = cosine_cross_similarity(source, target)
+        if self.consensus:
+            scores = neighbourhood_consensus(scores, self.grid_size)
+        base, peak = soft_argmax_mapping(scores, self.log_beta.exp(), self.grid_size)
+        volume = normalise_volume(scores)
         e1 = self.enc1(volume)
         e2 = self.enc2(e1)
         e3 = self.enc3(e2)
@@ -107,4 +140,7 @@ class SemanticAligner(nn.Module):
         d1 = self.dec1(torch.cat([upsample2(d2), e1], dim=1))
         mapping = base + self.max_residual * torch.tanh(self.residual(d1))
         log_sigma = self.uncertainty(torch.cat([d1, peak], dim=1))
-        return {"mapping": mapping, "log_sigma": log_sigma, "confidence": torch.sigmoid(-log_sigma)}
+        confidence = forward_backward_consistency(
+            scores, mapping, self.log_beta.exp(), self.grid_size
+        )
+        return {"mapping": mapping, "log_sigma": log_sigma, "confidence": confidence}

@@ -26,10 +26,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Backbone(nn.Module):
-    """Interface: `forward(image) -> (B, out_channels, H/stride, W/stride)`."""
+    """Interface: `forward(image) -> (B, out_channels, H/stride, W/stride)`.
+
+    `channel_groups`: the channel counts of the depths concatenated in the output (one
+    group for a single-layer backbone), so that the adapter can weigh each depth.
+    """
 
     out_channels: int
     stride: int
+
+    @property
+    def channel_groups(self) -> tuple[int, ...]:
+        return (self.out_channels,)
 
 
 # --- EfficientNet-Lite0 -------------------------------------------------------------------
@@ -119,6 +127,10 @@ class EfficientNetLite0(Backbone):
         self._blocks = nn.ModuleList(blocks[: max(self.taps) + 1])
         self.stride = self.TAP_STRIDES[self.taps[0]]
         self.out_channels = sum(self.TAP_CHANNELS[t] for t in self.taps)
+
+    @property
+    def channel_groups(self) -> tuple[int, ...]:
+        return tuple(self.TAP_CHANNELS[t] for t in self.taps)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))

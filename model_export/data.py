@@ -3,7 +3,7 @@
 Every path is passed in; nothing is hard-coded. Images become float32 tensors (3, H, W), RGB
 in [0, 1], resized to the requested `size` = (H, W); each item keeps the original size
 (and, for the evaluation sets, the original pixels and annotations) so that results can be
-mapped back to original pixels with `model_export.metrics.rescale_pixels`. Coordinates are
+mapped back to original pixels with `jlad_client.coords.rescale_pixels`. Coordinates are
 pixel (x, y) with pixel centres at integers (docs/CONTRACT.md).
 """
 
@@ -18,13 +18,12 @@ from typing import Any
 import numpy as np
 import scipy.io
 import torch
+from jlad_client.coords import rescale_pixels
 from jlad_client.flowio import read_flo
 from numpy.typing import NDArray
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-
-from model_export.metrics import rescale_pixels
 
 Size = tuple[int, int]
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff"})

@@ -29,8 +29,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from jlad_client.coords import (
+    mapping_to_target_pixels,
+    normalised_to_pixels,
+    pixels_to_normalised,
+    transfer_points,
+)
 from jlad_client.viz import blend, draw_matches, draw_points, flow_to_rgb, to_png
-from jlad_client.warp import identity_grid, sample_bilinear, sample_nearest
+from jlad_client.warp import identity_grid, resize_field, sample_bilinear, sample_nearest
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 from torch import Tensor
@@ -43,17 +49,15 @@ from model_export.data import MTFL_MISALIGNED, MTFLFaces, PFWillow, TSSPairs, im
 from model_export.geometry import sample_at
 from model_export.metrics import (
     DEFAULT_ALPHAS,
+    correct_flow_pixels,
     fit_landmark_regressor,
     flow_accuracy,
     keypoint_bbox_size,
     landmark_error,
-    mapping_to_target_pixels,
     mask_iou,
-    normalised_to_pixels,
     pck,
-    pixels_to_normalised,
     regress_landmarks,
-    transfer_points,
+    roc_auc,
 )
 from model_export.model import JLAD
 
@@ -268,6 +272,8 @@ def evaluate_tss(
     in `flip_gt.txt` are matched with image 1 mirrored, and the result mirrored back."""
     dataset = TSSPairs(data)
     pairs: list[dict[str, Any]] = []
+    confidences: list[NDArray[np.float32]] = []
+    correct: list[NDArray[np.bool_]] = []
     for index in tqdm(range(len(dataset)), desc="tss pairs", unit="pair"):
         item = dataset[index]
         image1 = item["image1"][:, ::-1] if item["flip"] else item["image1"]
@@ -275,6 +281,10 @@ def evaluate_tss(
         f1 = image_features(model, image_to_tensor(image1, input_size)[None].to(device))
         f2 = image_features(model, image_to_tensor(item["image2"], input_size)[None].to(device))
         forward, backward = pair_mappings(model, f1, f2), pair_mappings(model, f2, f1)
+        with torch.no_grad():
+            confidence = model.align(f1["model"], f2["model"])["confidence"][0, 0].cpu().numpy()
+        if item["flip"]:
+            confidence = confidence[:, ::-1]
         record: dict[str, Any] = {"name": item["name"], "flip": item["flip"]}
         views: dict[str, tuple[NDArray[np.float32], RGB, NDArray[np.bool_]]] = {}
         for method in METHODS:
@@ -284,6 +294,13 @@ def evaluate_tss(
                 matches = _unflip_columns(matches, size1[1], grid_is_source=True)
                 sources = _unflip_columns(sources, size1[1], grid_is_source=False)
             flow = matches - identity_grid(*size1)
+            if method == "model":
+                evaluated, right = correct_flow_pixels(
+                    flow, item["flow1"], item["mask1"], threshold_px, scale_to
+                )
+                dense = resize_field(np.ascontiguousarray(confidence)[..., None], size1)
+                confidences.append(dense[..., 0][evaluated])
+                correct.append(right)
             carried = sample_nearest(item["mask1"], sources).astype(bool)
             record[method] = {
                 "flow_accuracy": flow_accuracy(
@@ -300,6 +317,12 @@ def evaluate_tss(
                 _tss_figure(item, record, views),
             )
 
+    report = confidence_report(np.concatenate(confidences), np.concatenate(correct))
+    log.info(
+        "tss confidence: ROC AUC %.3f, flow accuracy per quartile %s",
+        report["roc_auc"],
+        " ".join(f"{a:.3f}" for a in report["accuracy_per_quartile"]),
+    )
     keys = ("flow_accuracy", "mask_iou")
     summary = {m: {k: _mean([p[m][k] for p in pairs]) for k in keys} for m in METHODS}
     subsets = sorted({p["name"].split("/")[0] for p in pairs})
@@ -313,11 +336,25 @@ def evaluate_tss(
     return {
         "methods": summary,
         "per_subset": per_subset,
+        "confidence": report,
         "num_pairs": len(pairs),
         "pairs": pairs,
         "protocol": f"flow accuracy: share of mask1 pixels with known flow whose EPE < "
         f"{threshold_px:g} px at longer side {scale_to:g} px; mask IoU: mask1 "
         "carried to image2 (nearest) vs mask2; flip_gt pairs: image1 mirrored",
+    }
+
+
+def confidence_report(confidence: NDArray[Any], correct: NDArray[np.bool_]) -> dict[str, Any]:
+    """How well the model's confidence tells its correct matches from its wrong ones, over
+    every evaluated pixel of every pair: ROC AUC and flow accuracy per confidence quartile."""
+    edges = np.quantile(confidence, [0.0, 0.25, 0.5, 0.75, 1.0])
+    quartile = np.clip(np.searchsorted(edges[1:-1], confidence, side="right"), 0, 3)
+    return {
+        "roc_auc": roc_auc(confidence, correct),
+        "quartile_edges": [float(e) for e in edges],
+        "accuracy_per_quartile": [float(np.mean(correct[quartile == q])) for q in range(4)],
+        "pixels": int(confidence.size),
     }
 
 

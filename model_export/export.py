@@ -35,9 +35,12 @@ MANIFEST_SCHEMA = "jlad.manifest/1"
 GRAPH_NAMES = ("backbone", "landmarks", "align")
 
 # Parity tolerances the tests enforce (ONNX Runtime CPU vs PyTorch), stated in the manifest.
+# `consistency` (the align graph's confidence) moves with both mappings it compares
+# (|d exp(-e^2/2) / de| <= 0.61 per cell), hence a bound of the mapping tolerance's order; fp16
+# bounds its median, like the mapping's (near-ties in fp16 similarities flip a few matches).
 PARITY = {
-    "fp32": {"mapping_cells": 1e-3, "probabilities": 1e-4, "features": 1e-4},
-    "fp16": {"mapping_cells": 0.25, "probabilities": 2e-2, "features": 1e-2},
+    "fp32": {"mapping_cells": 1e-3, "probabilities": 1e-4, "features": 1e-4, "consistency": 2e-3},
+    "fp16": {"mapping_cells": 0.25, "probabilities": 2e-2, "features": 1e-2, "consistency": 5e-2},
 }
 
 OUTPUT_DOC = {
@@ -48,7 +51,8 @@ OUTPUT_DOC = {
     "mapping": "(B, 2, h, w) for each source cell, normalised (x, y) of its match in the "
     "target (flow direction source -> target)",
     "log_sigma": "(B, 1, h, w) predicted log uncertainty s; lower is more reliable",
-    "confidence": "(B, 1, h, w) sigmoid(-log_sigma) in [0, 1]; higher is more reliable",
+    "confidence": "(B, 1, h, w) forward-backward consistency exp(-e^2/2), e = cells between "
+    "a source cell and where its match maps back; in [0, 1], higher is more reliable",
     "coordinates": "normalised (x, y) in [-1, 1], align_corners=False: "
     "x_pix = (x + 1) * W / 2 - 0.5",
 }
@@ -144,9 +148,12 @@ def convert_fp16(src: Path, dst: Path) -> None:
         # It warns for every weight below fp16's range that it rounds; that is expected.
         warnings.simplefilter("ignore")
         # Softmax and the similarity sums keep their accuracy better in float32; Resize
-        # takes its scales in float32 only.
+        # takes its scales in float32 only; GridSample (the forward-backward check) reads
+        # coordinates, where fp16 steps of ~1e-3 would blur sub-cell errors.
         half = float16.convert_float_to_float16(
-            model, keep_io_types=False, op_block_list=["Softmax", "ReduceSum", "Resize"]
+            model,
+            keep_io_types=False,
+            op_block_list=["Softmax", "ReduceSum", "Resize", "GridSample"],
         )
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(half, str(dst))

@@ -32,15 +32,15 @@ def sample_at(field: Tensor, points: Tensor) -> Tensor:
     return out.squeeze(2).transpose(1, 2)
 
 
-def warp_by_mapping(field: Tensor, mapping: Tensor) -> Tensor:
+def warp_by_mapping(field: Tensor, mapping: Tensor, padding: str = "zeros") -> Tensor:
     """Read `field` (B, C, h', w') at `mapping` (B, 2, h, w) (normalised (x, y)) -> (B, C, h, w).
 
-    Positions outside are zero.
+    Positions outside are zero (`padding="zeros"`) or the nearest border value ("border").
     """
     return F.grid_sample(
         field,
         mapping.permute(0, 2, 3, 1),
         mode="bilinear",
-        padding_mode="zeros",
+        padding_mode=padding,
         align_corners=False,
     )

@@ -1,8 +1,7 @@
-"""Evaluation metrics and coordinate conversions (numpy only, pure functions).
+"""Evaluation metrics (numpy only, pure functions).
 
-Coordinates follow docs/CONTRACT.md: pixel (x, y) with pixel centres at integers, sizes as
-`(H, W)`, normalised (x, y) in [-1, 1] with the align_corners=False convention
-`x_pix = (x_norm + 1) * W / 2 - 0.5`.
+Coordinates follow docs/CONTRACT.md; the conversions between the models' outputs and image
+pixels live in `jlad_client.coords`, shared with the service.
 
 Protocols (docs/EVALUATION.md):
 
@@ -18,105 +17,18 @@ Protocols (docs/EVALUATION.md):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 from jlad_client.flowio import valid_flow_mask
-from jlad_client.warp import identity_grid, resize_field, sample_bilinear
 from numpy.typing import ArrayLike, NDArray
 
-Size = tuple[int, int]
 FloatArray = NDArray[np.floating]
 
 DEFAULT_ALPHAS = (0.05, 0.1, 0.15)
 EYES = (0, 1)
 """Indices of the left and right eye among the 5 MTFL points."""
-
-
-# --- coordinates ---------------------------------------------------------------------------
-
-
-def normalised_to_pixels(points: ArrayLike, size: Size) -> NDArray[np.float64]:
-    """Normalised (x, y) (..., 2) -> pixel (x, y) in an image of `size` = (H, W)."""
-    pts = np.asarray(points, np.float64)
-    height, width = size
-    return np.stack(
-        [(pts[..., 0] + 1) * width / 2 - 0.5, (pts[..., 1] + 1) * height / 2 - 0.5], axis=-1
-    )
-
-
-def pixels_to_normalised(points: ArrayLike, size: Size) -> NDArray[np.float64]:
-    """Pixel (x, y) (..., 2) in an image of `size` = (H, W) -> normalised (x, y)."""
-    pts = np.asarray(points, np.float64)
-    height, width = size
-    return np.stack(
-        [(2 * pts[..., 0] + 1) / width - 1, (2 * pts[..., 1] + 1) / height - 1], axis=-1
-    )
-
-
-def rescale_pixels(points: ArrayLike, from_size: Size, to_size: Size) -> NDArray[np.float64]:
-    """Pixel (x, y) (..., 2) of an image of `from_size` -> the same place in the image
-    resized to `to_size` (both (H, W)); pixel centres stay the reference, not corners."""
-    return normalised_to_pixels(pixels_to_normalised(points, from_size), to_size)
-
-
-def _displacement_field(mapping: ArrayLike) -> NDArray[np.float32]:
-    """(h, w, 2) normalised displacement of each cell's match from the cell's own centre."""
-    field = np.asarray(mapping, np.float32)
-    if field.ndim != 3 or field.shape[0] != 2:
-        raise ValueError(f"mapping must have shape (2, h, w), got {field.shape}")
-    h, w = field.shape[1:]
-    # The cell centres of an h x w grid are the normalised positions of an h x w image.
-    centres = pixels_to_normalised(identity_grid(h, w), (h, w))
-    return (field.transpose(1, 2, 0) - centres).astype(np.float32)
-
-
-def mapping_to_target_pixels(
-    mapping: ArrayLike, src_size: Size, tgt_size: Size
-) -> NDArray[np.float32]:
-    """Match positions (Hs, Ws, 2), in target pixels, of every source pixel.
-
-    `mapping` (2, h, w): for each source cell the normalised (x, y) of its match in the
-    target (the model's `align` output for one pair), bilinearly upsampled from the cell
-    grid to the source image (`src_size` = (Hs, Ws)) and expressed in pixels of the target
-    image (`tgt_size` = (Ht, Wt)).
-
-    The upsampling interpolates the *displacement* from each cell centre (then adds every
-    pixel's own normalised position). Inside the grid this equals interpolating the mapping
-    itself; in the outer half cell, where `resize_field` repeats the edge value, it repeats
-    the edge displacement instead of the edge position, so the identity and translations
-    stay exact up to the image border.
-    """
-    displacement = resize_field(_displacement_field(mapping), src_size)
-    own = pixels_to_normalised(identity_grid(*src_size), src_size)
-    return normalised_to_pixels(own + displacement, tgt_size).astype(np.float32)
-
-
-def mapping_to_pixel_flow(
-    mapping: ArrayLike, src_size: Size, tgt_size: Size
-) -> NDArray[np.float32]:
-    """Pixel flow (Hs, Ws, 2): for a source pixel p, `p + flow[p]` is its match in target
-    pixels (docs/CONTRACT.md: `flow(p) = to_pixels_target(mapping(p)) - p`).
-
-    `mapping` is (2, h, w) normalised, upsampled as in `mapping_to_target_pixels`.
-    """
-    flow = mapping_to_target_pixels(mapping, src_size, tgt_size) - identity_grid(*src_size)
-    return np.asarray(flow, np.float32)
-
-
-def transfer_points(
-    mapping: ArrayLike, points: ArrayLike, src_size: Size, tgt_size: Size
-) -> NDArray[np.float64]:
-    """Carry source pixel points (N, 2) to target pixels (N, 2) through `mapping` (2, h, w).
-
-    The same as reading `mapping_to_target_pixels` at each point (bilinearly, at sub-pixel
-    positions too), without building the dense field.
-    """
-    field = _displacement_field(mapping)
-    # Cell coordinates of each source pixel: the inverse of resize_field's pixel -> cell map.
-    cells = rescale_pixels(points, src_size, field.shape[:2])
-    moved = pixels_to_normalised(points, src_size) + sample_bilinear(field, cells)
-    return normalised_to_pixels(moved, tgt_size)
 
 
 # --- keypoint transfer ---------------------------------------------------------------------
@@ -177,15 +89,16 @@ def end_point_error(pred_flow: ArrayLike, true_flow: ArrayLike) -> NDArray[np.fl
     return np.asarray(np.linalg.norm(pred - true, axis=-1), np.float64)
 
 
-def flow_accuracy(
+def correct_flow_pixels(
     pred_flow: ArrayLike,
     true_flow: ArrayLike,
     mask: ArrayLike,
     threshold_px: float = 5.0,
     scale_to: float = 100.0,
-) -> float:
-    """TSS flow accuracy: share of evaluated pixels with end-point error under
-    `threshold_px` once the image is scaled so that its longer side is `scale_to` pixels.
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """Which pixels TSS evaluates, (H, W), and whether each of them is correct, (N,): end-point
+    error under `threshold_px` once the image is scaled so that its longer side is
+    `scale_to` pixels.
 
     pred_flow, true_flow: (H, W, 2) pixel flows defined on the source image (H, W).
     mask: (H, W) foreground of the source image. Pixels where the true flow is unknown
@@ -202,7 +115,38 @@ def flow_accuracy(
     known = np.where(evaluated[..., None], true, 0.0)
     error = end_point_error(pred_flow, known)[evaluated] * scale_to / max(true.shape[:2])
     error = np.where(np.isfinite(error), error, np.inf)
-    return float(np.mean(error < threshold_px))
+    return evaluated, error < threshold_px
+
+
+def flow_accuracy(
+    pred_flow: ArrayLike,
+    true_flow: ArrayLike,
+    mask: ArrayLike,
+    threshold_px: float = 5.0,
+    scale_to: float = 100.0,
+) -> float:
+    """TSS flow accuracy: the share of correct pixels of `correct_flow_pixels`."""
+    _, correct = correct_flow_pixels(pred_flow, true_flow, mask, threshold_px, scale_to)
+    return float(np.mean(correct))
+
+
+def roc_auc(scores: ArrayLike, positive: ArrayLike) -> float:
+    """Area under the ROC curve: the probability that a random positive scores above a
+    random negative (ties count half). How well a confidence separates correct matches
+    (`positive`) from wrong ones: 0.5 = no better than chance, 1 = perfectly."""
+    s = np.asarray(scores, np.float64).ravel()
+    pos = np.asarray(positive, bool).ravel()
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), np.float64)
+    ranks[order] = np.arange(1, len(s) + 1)
+    # Average ranks over ties (Mann-Whitney U).
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    ranks = (sums / counts)[inverse]
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def mask_iou(pred_mask: ArrayLike, true_mask: ArrayLike) -> float:

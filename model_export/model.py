@@ -34,6 +34,8 @@ class ModelConfig:
     landmark_uses_features: bool = True
     head_width: int = 128
     backbone_weights: str | None = None
+    # Neighbourhood consensus on the cross-similarity before W_A (similarity.py).
+    consensus: bool = True
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -49,24 +51,47 @@ class ModelConfig:
 
 
 class FeatureAdapter(nn.Module):
-    """Trainable part of W_F: a 1x1 projection with a zero-initialised residual MLP.
+    """Trainable part of W_F: a gain per backbone depth, a 1x1 projection and a
+    zero-initialised residual MLP.
 
-    The projection starts orthogonal, which roughly preserves cosine similarities of the
-    backbone features, so the untrained model matches like the frozen backbone does.
+    The gains (log scale, start at 0) let training decide how much each depth of a
+    hypercolumn counts in the cosine similarity. The projection starts as the identity when
+    `cout == cin` and orthogonal otherwise (cosine similarities roughly preserved), so the
+    untrained model matches like the frozen backbone does.
     """
 
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, groups: tuple[int, ...] | None = None) -> None:
         super().__init__()
+        groups = groups or (cin,)
+        if sum(groups) != cin:
+            raise ValueError(f"channel groups {groups} do not add up to {cin}")
+        self.log_gains = nn.Parameter(torch.zeros(len(groups)))
+        # (groups, cin) one-hot: gains -> per-channel scale as a matrix product (exports
+        # as MatMul, unlike repeat_interleave).
+        membership = torch.zeros(len(groups), cin)
+        start = 0
+        for g, size in enumerate(groups):
+            membership[g, start : start + size] = 1.0
+            start += size
+        self.register_buffer("membership", membership, persistent=False)
         self.project = nn.Conv2d(cin, cout, 1, bias=False)
-        nn.init.orthogonal_(self.project.weight)
+        if cin == cout:
+            nn.init.eye_(self.project.weight[:, :, 0, 0])
+        else:
+            nn.init.orthogonal_(self.project.weight)
         self.refine = nn.Sequential(
             nn.Conv2d(cout, cout, 1), nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 1)
         )
         nn.init.zeros_(self.refine[2].weight)
         nn.init.zeros_(self.refine[2].bias)
 
+    def gains(self) -> Tensor:
+        """The weight of each depth, (groups,)."""
+        return self.log_gains.exp()
+
     def forward(self, x: Tensor) -> Tensor:
-        y = self.project(x)
+        scale = (self.gains() @ self.membership).view(1, -1, 1, 1)
+        y = self.project(x * scale)
         return l2_normalise(y + self.refine(y))
 
 
@@ -87,7 +112,9 @@ class JLAD(nn.Module):
         if h % 32 or w % 32:
             raise ValueError(f"input size {h}x{w} must be a multiple of 32")
         self.grid_size = (h // self.backbone.stride, w // self.backbone.stride)
-        self.adapter = FeatureAdapter(self.backbone.out_channels, config.feature_dim)
+        self.adapter = FeatureAdapter(
+            self.backbone.out_channels, config.feature_dim, self.backbone.channel_groups
+        )
         self.detector = LandmarkDetector(
             config.feature_dim,
             config.num_landmarks,
@@ -95,7 +122,9 @@ class JLAD(nn.Module):
             config.head_width,
             config.landmark_uses_features,
         )
-        self.aligner = SemanticAligner(self.grid_size, config.head_width)
+        self.aligner = SemanticAligner(
+            self.grid_size, config.head_width, consensus=config.consensus
+        )
         # Frozen from the start: a module is built in training mode, and BatchNorm would
         # otherwise use batch statistics (and drift its running ones) in the first
         # forward passes, e.g. when training caches the backbone's features.

@@ -18,7 +18,8 @@ def l2_normalise(features: Tensor, eps: float = 1e-6) -> Tensor:
     return features / (features.norm(dim=1, keepdim=True) + eps)
 
 
-def _normalise_volume(volume: Tensor, eps: float = 1e-6) -> Tensor:
+def normalise_volume(volume: Tensor, eps: float = 1e-6) -> Tensor:
+    """Eq. 1 normalisation of a similarity volume: clip negatives, unit length per position."""
     volume = F.relu(volume)
     return volume / (volume.norm(dim=1, keepdim=True) + eps)
 
@@ -38,7 +39,39 @@ def cosine_cross_similarity(source: Tensor, target: Tensor) -> Tensor:
 def cross_similarity(source: Tensor, target: Tensor) -> Tensor:
     """Eq. 1 cross-similarity volume (B, h*w, h, w): for each source cell (spatial axes), its
     normalised similarities to all target cells (channels, row-major)."""
-    return _normalise_volume(cosine_cross_similarity(source, target))
+    return normalise_volume(cosine_cross_similarity(source, target))
+
+
+def _box_filter_4d(volume: Tensor, grid_size: tuple[int, int], kernel: int) -> Tensor:
+    """Average each 4D correlation entry over its kernel x kernel neighbourhoods in both
+    the source and the target grid (B, ht*wt, h, w) -> same shape."""
+    _, n, h, w = volume.shape
+    ht, wt = grid_size
+    pad = kernel // 2
+    # Python-int shapes with -1 for the batch: the exported graph keeps a dynamic batch.
+    out = F.avg_pool2d(volume.reshape(-1, 1, h, w), kernel, 1, pad, count_include_pad=False)
+    out = out.reshape(-1, n, h, w).permute(0, 2, 3, 1).reshape(-1, 1, ht, wt)
+    out = F.avg_pool2d(out, kernel, 1, pad, count_include_pad=False)
+    return out.reshape(-1, h, w, n).permute(0, 3, 1, 2)
+
+
+def neighbourhood_consensus(
+    similarity: Tensor, grid_size: tuple[int, int], kernel: int = 3, eps: float = 1e-6
+) -> Tensor:
+    """Filter a raw cross-similarity (B, ht*wt, h, w) into matching scores in [0, 1].
+
+    Choice (after NC-Net, Rocco et al. 2018): negative similarities are clipped, each entry
+    is averaged with its neighbours in both images (a fixed 4D box filter standing in for
+    NC-Net's learned 4D convolutions: a match is trusted when nearby cells match nearby
+    cells) and then scaled by how close it is to the best score of its source cell and of
+    its target cell (soft mutual nearest neighbours). Each source cell's scores are finally
+    divided by their maximum, so the best match scores 1.
+    """
+    volume = _box_filter_4d(F.relu(similarity), grid_size, kernel)
+    best_for_source = volume.amax(dim=1, keepdim=True)
+    best_for_target = volume.amax(dim=(2, 3), keepdim=True)
+    volume = volume * (volume / (best_for_source + eps)) * (volume / (best_for_target + eps))
+    return volume / (volume.amax(dim=1, keepdim=True) + eps)
 
 
 def self_similarity(features: Tensor, radius: int = 3) -> Tensor:
@@ -56,4 +89,4 @@ def self_similarity(features: Tensor, radius: int = 3) -> Tensor:
         for dx in range(size):
             shifted = padded[:, :, dy : dy + h, dx : dx + w]
             sims.append((features * shifted).sum(dim=1))
-    return _normalise_volume(torch.stack(sims, dim=1))
+    return normalise_volume(torch.stack(sims, dim=1))

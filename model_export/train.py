@@ -152,14 +152,60 @@ def synthetic_feature_pair(
     return SyntheticPair(source, target, pair.field, pair.mapping, pair.valid)
 
 
-def align_step_synthetic(model: JLAD, pair: SyntheticPair) -> dict[str, Tensor]:
-    """Pre-training of {W_F adapter, W_A, W_C}: known warp + eq. 2-3."""
-    fs, ft = model.adapt(pair.source), model.adapt(pair.target)
+@dataclass(frozen=True)
+class Ablation:
+    """Config key `ablation` (README's ablation table); the defaults are the method.
+
+    train_alignment: False -> W_A, W_C and the adapter never learn (align steps skipped); the
+        landmark side still trains, with the untrained aligner as its teacher.
+    train_landmarks: False -> W_D never learns; the alignment side trains without eq. 7
+        (lambda_J = 0: there is no landmark teacher worth following).
+    sigma_weighting: False -> eq. 3 weights every position by 1 (s = 0) and eq. 7 uses
+        c_k = 1: the uncertainty head gets no training signal.
+    """
+
+    train_alignment: bool = True
+    train_landmarks: bool = True
+    sigma_weighting: bool = True
+
+    def sides(self, kind: str, iteration: int) -> str | None:
+        """Which side a step of a `kind` stage trains (None: skip the step)."""
+        wanted = {"align": self.train_alignment, "landmarks": self.train_landmarks}
+        if kind in wanted:
+            return kind if wanted[kind] else None
+        if self.train_alignment and self.train_landmarks:
+            return "align" if iteration % 2 == 0 else "landmarks"
+        if self.train_alignment:
+            return "align"
+        return "landmarks" if self.train_landmarks else None
+
+    def log_sigma(self, log_sigma: Tensor) -> Tensor:
+        return log_sigma if self.sigma_weighting else torch.zeros_like(log_sigma).detach()
+
+    def confidence(self, confidence: Tensor) -> Tensor | None:
+        return confidence if self.sigma_weighting else None
+
+    def lambdas(self, side: str) -> losses.Lambdas:
+        lam = losses.ALIGNMENT_SIDE if side == "align" else losses.LANDMARK_SIDE
+        if side == "align" and not self.train_landmarks:
+            return losses.Lambdas(lam.landmark, lam.alignment, 0.0)
+        return lam
+
+
+METHOD = Ablation()
+
+
+def align_step_synthetic(
+    model: JLAD, pair: SyntheticPair, ablation: Ablation = METHOD, update_features: bool = True
+) -> dict[str, Tensor]:
+    """Pre-training of {W_F adapter, W_A, W_C}: known warp + eq. 2-3. With
+    `update_features=False` only W_A and W_C learn (the adapter is left to the real pairs)."""
+    with torch.set_grad_enabled(update_features and torch.is_grad_enabled()):
+        fs, ft = model.adapt(pair.source), model.adapt(pair.target)
     out = model.align(fs, ft)
-    supervised = losses.flow_supervision_loss(
-        out["mapping"], pair.mapping, pair.valid, out["log_sigma"]
-    )
-    alignment = losses.alignment_loss(fs, ft, out["mapping"], out["log_sigma"])
+    log_sigma = ablation.log_sigma(out["log_sigma"])
+    supervised = losses.flow_supervision_loss(out["mapping"], pair.mapping, pair.valid, log_sigma)
+    alignment = losses.alignment_loss(fs, ft, out["mapping"], log_sigma)
     with torch.no_grad():
         epe = losses.flow_supervision_loss(out["mapping"], pair.mapping, pair.valid)
     return {"total": supervised + alignment, "flow_epe_cells": epe, "alignment": alignment.detach()}
@@ -204,29 +250,37 @@ def landmark_step_synthetic(
 
 
 def joint_step(
-    model: JLAD, a: Tensor, b: Tensor, side: str, terms: LandmarkTerms = LandmarkTerms()
+    model: JLAD,
+    a: Tensor,
+    b: Tensor,
+    side: str,
+    terms: LandmarkTerms = LandmarkTerms(),
+    ablation: Ablation = METHOD,
 ) -> dict[str, Tensor]:
     """Eq. 8 on real pairs. side='align' updates {W_F, W_A, W_C} with W_D as teacher;
     side='landmarks' updates W_D (and W_F when `terms.update_features`) with W_A, W_C as
     teacher."""
     fa, fb = model.adapt(a.float()), model.adapt(b.float())
+    lam = ablation.lambdas(side)
     if side == "align":
-        lam = losses.ALIGNMENT_SIDE
         with torch.no_grad():
             la, lb = model.landmarks(fa), model.landmarks(fb)
         ab, ba = model.align(fa, fb), model.align(fb, fa)
     else:
-        lam = losses.LANDMARK_SIDE
         la, lb = model.landmarks(terms.features(fa)), model.landmarks(terms.features(fb))
         with torch.no_grad():
             ab, ba = model.align(fa.detach(), fb.detach()), model.align(fb.detach(), fa.detach())
     landmark = terms(la) + terms(lb)
-    alignment = losses.alignment_loss(
-        fa, fb, ab["mapping"], ab["log_sigma"]
-    ) + losses.alignment_loss(fb, fa, ba["mapping"], ba["log_sigma"])
-    joint = losses.joint_loss(
-        la["points"], lb["points"], ab["mapping"], ab["confidence"]
-    ) + losses.joint_loss(lb["points"], la["points"], ba["mapping"], ba["confidence"])
+    s_ab, s_ba = ablation.log_sigma(ab["log_sigma"]), ablation.log_sigma(ba["log_sigma"])
+    # c_k of eq. 7 comes from sigma (W_C), not from the served forward-backward confidence.
+    c_ab = ablation.confidence(torch.sigmoid(-ab["log_sigma"]))
+    c_ba = ablation.confidence(torch.sigmoid(-ba["log_sigma"]))
+    alignment = losses.alignment_loss(fa, fb, ab["mapping"], s_ab) + losses.alignment_loss(
+        fb, fa, ba["mapping"], s_ba
+    )
+    joint = losses.joint_loss(la["points"], lb["points"], ab["mapping"], c_ab) + losses.joint_loss(
+        lb["points"], la["points"], ba["mapping"], c_ba
+    )
     return {
         "total": losses.total_loss(landmark, alignment, joint, lam),
         "landmark": landmark.detach(),
@@ -286,6 +340,12 @@ def run_training(
     groups = data.groups
     warp = WarpConfig(**config.get("warp", {}))
     terms = LandmarkTerms(**config.get("landmark_loss", {}))
+    ablation = Ablation(**config.get("ablation", {}))
+    # Whether synthetic pairs may move the adapter. Warps of one image teach instance-level
+    # matching; on PF-WILLOW that pulled the features away from semantic matching (NN on the
+    # adapted features PCK@0.1 0.44 -> 0.43 with, 0.53 without synthetic updates), so the
+    # objects config leaves the adapter to the real same-class pairs.
+    synthetic_features = bool(config.get("synthetic_updates_features", True))
     # `synthetic_space: images` warps the images and reruns the backbone (as specified);
     # `features` (the CPU default for the big runs) warps the cached feature maps.
     space = config.get("synthetic_space", "features")
@@ -310,19 +370,20 @@ def run_training(
             total=total_its,
         )
         for it in bar:
-            step_kind = kind
-            if kind in ("alternate", "joint"):
-                step_kind = "align" if it % 2 == 0 else "landmarks"
+            step_kind = ablation.sides(kind, it)
+            if step_kind is None:
+                state.iteration = it + 1
+                continue
             if stage.get("data", "synthetic") == "synthetic":
                 idx = torch.randint(len(cached), (batch,), generator=gen)
                 pair = synthetic_feature_pair(model, idx, cached, warp_images, warp, gen)
                 if step_kind == "align":
-                    metrics = align_step_synthetic(model, pair)
+                    metrics = align_step_synthetic(model, pair, ablation, synthetic_features)
                 else:
                     metrics = landmark_step_synthetic(model, pair, terms)
             else:
                 a, b = sample_pairs(groups, batch, rng)
-                metrics = joint_step(model, cached[a], cached[b], step_kind, terms)
+                metrics = joint_step(model, cached[a], cached[b], step_kind, terms, ablation)
             optimizer.zero_grad(set_to_none=True)
             metrics["total"].backward()
             optimizer.step()
@@ -330,7 +391,7 @@ def run_training(
                 "stage": stage_index,
                 "iteration": it,
                 "kind": step_kind,
-                **{k: float(v) for k, v in metrics.items()},
+                **{k: float(v.detach()) for k, v in metrics.items()},
             }
             state.history.append(record)  # type: ignore[arg-type]
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if isinstance(v, float)})

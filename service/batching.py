@@ -3,8 +3,11 @@
 Jobs wait in a bounded queue. A batch starts with the oldest job and takes the following jobs
 of the same model until `max_batch_size` images are gathered or the oldest job has waited
 `max_wait_s`; it then runs on one background thread (so the event loop keeps serving) while
-the next batch gathers. Every accepted job ends in exactly one way: its result,
-`DeadlineExceeded`, `InferenceFailed` or `ShuttingDown`; none is dropped silently.
+the next batch gathers. A job that finds the service quiet (no other job arrived in the
+`max_wait_s` before it, none waiting) runs at once: waiting for companions only pays when
+traffic is dense, and at low load it would add `max_wait_s` to every request. Every accepted
+job ends in exactly one way: its result, `DeadlineExceeded`, `InferenceFailed` or
+`ShuttingDown`; none is dropped silently.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class _Entry:
     job: InferenceJob
     future: asyncio.Future[InferenceResult]
     enqueued: float  # time.monotonic()
+    quiet_before: bool = False  # no job arrived in the max_wait_s before this one
 
 
 class Batcher:
@@ -75,6 +79,7 @@ class Batcher:
         # Moving average of one batch's run time, for Retry-After estimates.
         self._batch_seconds = 0.05
         self.batches_run = 0
+        self._last_arrival = -math.inf
 
     # -- Dispatcher interface -------------------------------------------------------------
 
@@ -101,16 +106,22 @@ class Batcher:
             "batches_run": self.batches_run,
         }
 
+    def check_room(self) -> None:
+        if len(self._pending) >= self.max_queue:
+            self._count_rejection("queue_full")
+            raise QueueFull(self.retry_after_s(), f"{len(self._pending)} jobs already waiting")
+
     async def submit(self, job: InferenceJob) -> InferenceResult:
         if not self.ready:
             raise ShuttingDown("the batcher is not accepting jobs (starting or shutting down)")
         if job.seconds_left() <= 0:
             self._count_rejection("deadline")
             raise DeadlineExceeded("the deadline passed before the job was queued")
-        if len(self._pending) >= self.max_queue:
-            self._count_rejection("queue_full")
-            raise QueueFull(self.retry_after_s(), f"{len(self._pending)} jobs already waiting")
-        entry = _Entry(job, asyncio.get_running_loop().create_future(), time.monotonic())
+        self.check_room()
+        now = time.monotonic()
+        quiet = not self._pending and now - self._last_arrival > self.max_wait_s
+        self._last_arrival = now
+        entry = _Entry(job, asyncio.get_running_loop().create_future(), now, quiet)
         self._pending.append(entry)
         self._update_depth()
         self._wakeup.set()
@@ -168,7 +179,10 @@ class Batcher:
                 await self._run(batch)
 
     async def _gather(self, first: _Entry) -> None:
-        """Wait until a full batch for `first`'s model is queued or `first` waited enough."""
+        """Wait until a full batch for `first`'s model is queued or `first` waited enough
+        (not at all when `first` arrived on a quiet service and is still alone)."""
+        if first.quiet_before and len(self._pending) == 1:
+            return
         fire_at = first.enqueued + self.max_wait_s
         while not self._closing and self._queued_images(first.job.model) < self.max_batch_size:
             remaining = fire_at - time.monotonic()

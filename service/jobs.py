@@ -112,6 +112,11 @@ class Dispatcher(Protocol):
     async def start(self) -> None:
         """Begin taking jobs."""
 
+    def check_room(self) -> None:
+        """Raise `QueueFull` when a job submitted now would surely be refused for lack of
+        room. Cheap and conservative: routes call it before decoding, so that an overloaded
+        service answers 429 without spending CPU on the images first."""
+
     async def submit(self, job: InferenceJob) -> InferenceResult:
         """Run `job` before `job.deadline`, or raise a `DispatchError`."""
         ...

@@ -141,9 +141,7 @@ def correspond_png(
         return rendering.landmarks_png([source.rgb, target.rgb], pts)
     if view == "warped":
         bwd = result.alignments[-1]
-        positions = fields.mapping_to_positions(
-            bwd.mapping, (target.size[1], target.size[0]), source.size
-        )
+        positions = fields.match_positions(bwd.mapping, target.size, source.size)
         return rendering.warped_png(source.rgb, positions)
     if view == "matches":
         fwd = result.alignments[0]
@@ -171,8 +169,7 @@ def propagate_one(
     opts: PropagateOptions,
 ) -> tuple[bytes, list[int], float, NDArray[Any]]:
     """Carry `mask` onto `target` through align(target, source); PNG, labels, reliable share."""
-    height, width = target.size[1], target.size[0]
-    positions = fields.mapping_to_positions(result_mapping, (height, width), source.size)
+    positions = fields.match_positions(result_mapping, target.size, source.size)
     conf = fields.dense_confidence(confidence, "pixels", target.size)
     labels = propagate_mask(
         mask.labels,

@@ -152,6 +152,11 @@ class RedisDispatcher:
             **({} if self.ready else {"not_ready_reason": self.not_ready_reason()}),
         }
 
+    def check_room(self) -> None:
+        # The stream length known here may be stale (other API processes, workers
+        # draining it); the admission script at XADD time is the one that decides.
+        return
+
     async def submit(self, job: InferenceJob) -> InferenceResult:
         if not self.ready or self._client is None:
             self._count_rejection("unavailable")

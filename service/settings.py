@@ -91,7 +91,10 @@ class Settings(BaseSettings):
         default=8, ge=1, description="Most images one backbone run takes (jobs are never split)."
     )
     max_wait_ms: float = Field(
-        default=5.0, ge=0, description="How long a batch waits for company after its first job."
+        default=5.0,
+        ge=0,
+        description="How long a batch waits for company after its first job (not at all "
+        "for a job that finds the service quiet).",
     )
     max_queue: int = Field(
         default=64, ge=1, description="Jobs allowed to wait; beyond this -> 429."

@@ -56,9 +56,11 @@ class ServiceState:
         return str(reason) if reason else "the dispatcher is not accepting jobs"
 
     def require_ready(self) -> Dispatcher:
-        """The dispatcher, or a 503 problem saying why requests cannot be served yet."""
+        """The dispatcher, or a 503 problem saying why requests cannot be served yet, or
+        `QueueFull` (429) when it has no room for another job right now."""
         if not self.ready or self.dispatcher is None:
             raise Problem(NOT_READY, self.not_ready_reason(), headers={"Retry-After": "5"})
+        self.dispatcher.check_room()
         return self.dispatcher
 
     def require_model(self, name: str | None) -> ModelInfo:

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from jlad_client.coords import rescale_pixels
 from jlad_client.flowio import write_flo
 from PIL import Image
 
 from model_export.checkpoint import save_checkpoint
 from model_export.data import mtfl_split, read_mtfl_annotations
 from model_export.evaluate import METHODS, main
-from model_export.metrics import landmark_error, rescale_pixels
+from model_export.metrics import landmark_error
 from model_export.model import JLAD, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]

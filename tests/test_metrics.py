@@ -5,6 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from jlad_client.coords import (
+    mapping_to_pixel_flow,
+    mapping_to_target_pixels,
+    normalised_to_pixels,
+    pixels_to_normalised,
+    rescale_pixels,
+    transfer_points,
+)
 from jlad_client.flowio import FLO_UNKNOWN_THRESHOLD
 from jlad_client.warp import identity_grid
 
@@ -14,15 +22,10 @@ from model_export.metrics import (
     flow_accuracy,
     keypoint_bbox_size,
     landmark_error,
-    mapping_to_pixel_flow,
-    mapping_to_target_pixels,
     mask_iou,
-    normalised_to_pixels,
     pck,
-    pixels_to_normalised,
     regress_landmarks,
-    rescale_pixels,
-    transfer_points,
+    roc_auc,
 )
 
 # --- coordinates ---------------------------------------------------------------------------
@@ -204,3 +207,12 @@ def test_landmark_error_in_percent_of_inter_ocular_distance() -> None:
     assert landmark_error(two + np.array([2, 0]), two) == pytest.approx((20 + 10) / 2)
     with pytest.raises(ValueError):
         landmark_error(np.zeros((1, 5, 2)), np.zeros((1, 5, 2)))
+
+
+def test_roc_auc_known_answers() -> None:
+    assert roc_auc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0
+    assert roc_auc([0.9, 0.8, 0.2, 0.1], [False, False, True, True]) == 0.0
+    # One inversion among the 2 x 2 positive/negative pairs: 3 of 4 ordered right.
+    assert roc_auc([0.1, 0.6, 0.5, 0.9], [False, False, True, True]) == 0.75
+    assert roc_auc([0.5, 0.5, 0.5], [True, False, True]) == 0.5  # ties count half
+    assert np.isnan(roc_auc([0.1, 0.2], [True, True]))

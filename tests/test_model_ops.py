@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model_export.alignment import SemanticAligner, soft_argmax_mapping
+from model_export.alignment import (
+    SemanticAligner,
+    forward_backward_consistency,
+    soft_argmax_mapping,
+)
 from model_export.backbones import build_backbone
 from model_export.geometry import cell_centres, sample_at, warp_by_mapping
 from model_export.landmarks import LandmarkDetector, peak_mass, soft_argmax, spatial_softmax
@@ -15,6 +21,7 @@ from model_export.similarity import (
     cosine_cross_similarity,
     cross_similarity,
     l2_normalise,
+    neighbourhood_consensus,
     self_similarity,
 )
 
@@ -144,13 +151,76 @@ def test_aligner_shapes_untrained_is_soft_argmax_and_gradients() -> None:
     out = aligner(fs, ft)
     assert out["mapping"].shape == (2, 2, 8, 8)
     assert out["log_sigma"].shape == (2, 1, 8, 8)
-    torch.testing.assert_close(out["confidence"], torch.sigmoid(-out["log_sigma"]))
-    base, _ = soft_argmax_mapping(cosine_cross_similarity(fs, ft), aligner.log_beta.exp())
+    assert out["confidence"].shape == (2, 1, 8, 8)
+    assert float(out["confidence"].min()) >= 0 and float(out["confidence"].max()) <= 1
+    scores = neighbourhood_consensus(cosine_cross_similarity(fs, ft), (8, 8))
+    base, _ = soft_argmax_mapping(scores, aligner.log_beta.exp())
     torch.testing.assert_close(out["mapping"], base)  # zero-initialised residual
     (out["mapping"].sum() + out["log_sigma"].sum()).backward()
     assert fs.grad is not None and float(fs.grad.abs().sum()) > 0
     assert aligner.residual.weight.grad is not None
     assert float(aligner.residual.weight.grad.abs().sum()) > 0
+
+
+def test_consistency_is_one_for_self_matching_and_drops_for_a_broken_cycle() -> None:
+    f = unit_features(b=1, c=64, h=8, w=8, seed=11)
+    scores = neighbourhood_consensus(cosine_cross_similarity(f, f), (8, 8))
+    identity = cell_centres(8, 8).permute(2, 0, 1)[None]
+    same = forward_backward_consistency(scores, identity, 200.0, (8, 8))
+    torch.testing.assert_close(same, torch.ones_like(same), atol=1e-3, rtol=0)
+    # A match that lands two cells to the right comes back two cells off: exp(-4 / 2).
+    shifted = identity.clone()
+    shifted[:, 0, :, :4] += 2 * 2 / 8  # two cells, in normalised units, on the left half
+    off = forward_backward_consistency(scores, shifted, 200.0, (8, 8))
+    expected = torch.full((8, 4), math.exp(-2.0))
+    torch.testing.assert_close(off[0, 0, :, :4], expected, atol=1e-3, rtol=0)
+
+
+def test_aligner_without_consensus_is_plain_soft_argmax() -> None:
+    aligner = SemanticAligner((8, 8), width=16, consensus=False)
+    fs, ft = unit_features(c=32, h=8, w=8, seed=6), unit_features(c=32, h=8, w=8, seed=7)
+    base, _ = soft_argmax_mapping(cosine_cross_similarity(fs, ft), aligner.log_beta.exp())
+    torch.testing.assert_close(aligner(fs, ft)["mapping"], base)
+
+
+def test_neighbourhood_consensus_known_answer_on_a_tiny_volume() -> None:
+    # 1 x 2 grids; rows = target cells, columns = source cells (the volume's layout).
+    raw = torch.tensor([[0.8, 0.2], [0.4, 0.6]]).reshape(1, 2, 1, 2)  # (B, target, h, w)
+    out = neighbourhood_consensus(raw, (1, 2), kernel=1)  # no box filter: pure mutual NN
+    # entry * entry / best of its source * entry / best of its target, then / best per source
+    v = torch.tensor(
+        [
+            [0.8 * (0.8 / 0.8) * (0.8 / 0.8), 0.2 * (0.2 / 0.6) * (0.2 / 0.8)],
+            [0.4 * (0.4 / 0.8) * (0.4 / 0.6), 0.6 * (0.6 / 0.6) * (0.6 / 0.6)],
+        ]
+    )
+    torch.testing.assert_close(out.reshape(2, 2), v / v.amax(dim=0), atol=1e-5, rtol=0)
+
+
+def test_neighbourhood_consensus_shapes_range_gradients_and_consistent_shift() -> None:
+    f = unit_features(b=2, c=64, h=8, w=8, seed=9).requires_grad_(True)
+    raw = cosine_cross_similarity(f, f)
+    out = neighbourhood_consensus(raw, (8, 8))
+    assert out.shape == raw.shape
+    assert float(out.min()) >= 0 and torch.allclose(out.amax(dim=1), torch.ones(2, 8, 8))
+    # Self-matching is the most consistent field there is: every cell keeps its own match.
+    assert torch.equal(out.argmax(dim=1)[0].flatten(), torch.arange(64))
+    out.sum().backward()
+    assert f.grad is not None and float(f.grad.abs().sum()) > 0
+
+
+def test_neighbourhood_consensus_outvotes_an_isolated_false_match() -> None:
+    # Target = source shifted one cell right; one source cell's raw best match is a far
+    # outlier (similarity 1 vs 0.9 for the true cell). Its neighbours agree on the shift,
+    # so after consensus the true cell wins.
+    h = w = 8
+    raw = torch.zeros(1, h * w, h, w)
+    for y in range(h):
+        for x in range(w):
+            raw[0, y * w + min(x + 1, w - 1), y, x] = 0.9
+    raw[0, 0, 4, 4] = 1.0  # outlier: source (4, 4) -> target (0, 0)
+    assert int(raw[0, :, 4, 4].argmax()) == 0
+    assert int(neighbourhood_consensus(raw, (h, w))[0, :, 4, 4].argmax()) == 4 * w + 5
 
 
 def test_aligner_rejects_indivisible_grid() -> None:

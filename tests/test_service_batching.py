@@ -99,6 +99,21 @@ async def test_concurrent_jobs_share_batches_and_get_their_own_results() -> None
     assert sum(len(b) for b in engine.batches) == 20
 
 
+async def test_a_job_on_a_quiet_service_does_not_wait_for_companions() -> None:
+    engine = EchoEngine()
+    batcher = make(engine, max_wait_s=1.0)
+    await batcher.start()
+    result = await asyncio.wait_for(batcher.submit(job(0)), timeout=0.5)  # < the window
+    assert tag_of(result) == 0
+    # Dense traffic still batches: a burst arriving together shares the window.
+    burst = await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit(job(i)) for i in range(1, 5))), timeout=10.0
+    )
+    await batcher.close(1)
+    assert [tag_of(r) for r in burst] == [1, 2, 3, 4]
+    assert [len(b) for b in engine.batches] == [1, 4]
+
+
 async def test_batches_hold_one_model_only() -> None:
     engine = EchoEngine()
     batcher = make(engine, max_wait_s=0.1)

@@ -97,7 +97,8 @@ def test_simultaneous_clients_get_their_own_results_in_shared_batches(
 
 @pytest.fixture(scope="module")
 def tight(model_dir: Path) -> Iterator[RunningServer]:
-    """One job may wait, and a lone one-image job waits 1.5 s for company."""
+    """One job may wait, and a one-image job that follows another within 1.5 s waits 1.5 s
+    for company (`hold_next_job`); a job on a quiet service runs at once."""
     settings = service_settings(
         model_dir,
         models=["faces"],
@@ -108,6 +109,13 @@ def tight(model_dir: Path) -> Iterator[RunningServer]:
     )
     with serve(settings) as running:
         yield running
+
+
+def hold_next_job(client: httpx.Client) -> None:
+    """Answer one request now, so that the next job arriving within the batching window does
+    not find the service quiet and waits the window for company (service.batching)."""
+    primer = client.post("/landmarks", files={"image": ("c.png", encode(chelsea()))})
+    assert primer.status_code == 200, primer.text
 
 
 def queue_depth(server: RunningServer) -> int:
@@ -127,6 +135,7 @@ def test_full_queue_answers_429_with_retry_after_and_drops_nothing(tight: Runnin
     image = {"image": ("c.png", encode(chelsea()))}
     with tight.client() as first_client, tight.client() as second_client:
         with ThreadPoolExecutor(1) as pool:
+            hold_next_job(first_client)
             first = pool.submit(first_client.post, "/landmarks", files=image)
             wait_for_depth(tight, 1)
             refused = second_client.post("/landmarks", files=image)
@@ -140,9 +149,25 @@ def test_full_queue_answers_429_with_retry_after_and_drops_nothing(tight: Runnin
     assert 'jlad_rejected_jobs_total{reason="queue_full"} 1.0' in text
 
 
+def test_full_queue_refuses_before_decoding_the_upload(tight: RunningServer) -> None:
+    # The 429 must not wait for (or depend on) decoding: an undecodable upload sent while
+    # the queue is full is refused as 429, not examined and answered 422.
+    image = {"image": ("c.png", encode(chelsea()))}
+    garbage = {"image": ("c.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")}
+    with tight.client() as first_client, tight.client() as second_client:
+        with ThreadPoolExecutor(1) as pool:
+            hold_next_job(first_client)
+            first = pool.submit(first_client.post, "/landmarks", files=image)
+            wait_for_depth(tight, 1)
+            assert_problem(second_client.post("/landmarks", files=garbage), 429, "queue-full")
+            assert first.result(timeout=30).status_code == 200
+        assert_problem(second_client.post("/landmarks", files=garbage), 422, "corrupt-image")
+
+
 def test_deadline_passing_in_the_queue_answers_504(tight: RunningServer) -> None:
     image = {"image": ("c.png", encode(chelsea()))}
     with tight.client() as client:
+        hold_next_job(client)
         started = time.monotonic()
         r = client.post("/landmarks", files=image, headers={"X-Deadline-Ms": "400"})
         elapsed = time.monotonic() - started

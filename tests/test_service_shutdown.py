@@ -76,6 +76,10 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(
     process, url, log_path = service
     wait_ready(url, process)
     image = encode(chelsea())
+    # A job right after another waits the 1.5 s batching window (a lone one on a quiet
+    # service would run at once), which leaves time to send SIGTERM while it is queued.
+    primer = httpx.post(url + "/landmarks", files={"image": ("c.png", image)}, timeout=60)
+    assert primer.status_code == 200, primer.text
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(
             httpx.post, url + "/landmarks", files={"image": ("c.png", image)}, timeout=60

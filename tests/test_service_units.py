@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jlad_client.coords import normalised_to_pixels
 from pydantic import ValidationError
 
 from service import fields
@@ -118,15 +119,15 @@ def test_points_at_cell_centres_sample_the_mapping_exactly() -> None:
     confidence = rng.uniform(0, 1, (4, 4)).astype(np.float32)
     centres = fields.grid_cell_centres(4, 4, 64, 64).reshape(-1, 2)
     matched, conf = fields.match_points(mapping, confidence, centres, (64, 64), (32, 48))
-    expected = fields.normalised_to_pixels(mapping.transpose(1, 2, 0).reshape(-1, 2), 32, 48)
+    expected = normalised_to_pixels(mapping.transpose(1, 2, 0).reshape(-1, 2), (48, 32))
     np.testing.assert_allclose(matched, expected, atol=1e-4)
     np.testing.assert_allclose(conf, confidence.reshape(-1), atol=1e-6)
 
 
-def test_normalised_and_pixel_coordinates_follow_align_corners_false() -> None:
+def test_landmarks_in_pixels_follow_align_corners_false() -> None:
     corners = np.array([[-1, -1], [1, 1], [0, 0]], np.float32)
     np.testing.assert_allclose(
-        fields.normalised_to_pixels(corners, 10, 20), [[-0.5, -0.5], [9.5, 19.5], [4.5, 9.5]]
+        fields.landmarks_to_pixels(corners, 10, 20), [[-0.5, -0.5], [9.5, 19.5], [4.5, 9.5]]
     )
 
 

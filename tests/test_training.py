@@ -16,7 +16,7 @@ from skimage import data as skdata
 from model_export.checkpoint import load_model
 from model_export.geometry import cell_centres
 from model_export.model import JLAD, ModelConfig
-from model_export.train import TrainingImages, run_training
+from model_export.train import Ablation, TrainingImages, run_training
 from model_export.warps import WarpConfig, make_synthetic_pair
 
 torch.set_num_threads(2)
@@ -134,3 +134,66 @@ def test_resume_continues_where_it_stopped(tmp_path: Path) -> None:
     run_training(config, data, out, resume=True)
     history = json.loads((out / "history.json").read_text())
     assert [r["stage"] for r in history] == [0] * 6 + [1] * 4
+
+
+def test_ablation_sides_follow_the_table() -> None:
+    method, align_only = Ablation(), Ablation(train_landmarks=False)
+    landmarks_only = Ablation(train_alignment=False)
+    assert [method.sides("joint", i) for i in range(4)] == ["align", "landmarks"] * 2
+    assert [align_only.sides(k, 1) for k in ("align", "landmarks", "joint")] == [
+        "align",
+        None,
+        "align",
+    ]
+    assert [landmarks_only.sides(k, 0) for k in ("align", "landmarks", "alternate")] == [
+        None,
+        "landmarks",
+        "landmarks",
+    ]
+    assert align_only.lambdas("align").joint == 0.0
+    assert method.lambdas("align").joint > 0
+
+
+def _parameters_moved(model: JLAD, prefix: str, seed: int = 0) -> bool:
+    torch.manual_seed(seed)
+    fresh = JLAD(model.config).trainable_state()
+    trained = model.trainable_state()
+    return any(not torch.equal(fresh[k], trained[k]) for k in fresh if k.startswith(prefix))
+
+
+@pytest.mark.parametrize(
+    ("ablation", "frozen", "learning"),
+    [
+        ({"train_alignment": False}, "aligner.", "detector."),
+        ({"train_landmarks": False}, "detector.", "aligner."),
+        ({"sigma_weighting": False}, "aligner.uncertainty.", "aligner.enc1."),
+    ],
+)
+def test_ablations_leave_the_switched_off_part_untouched(
+    tmp_path: Path, ablation: dict[str, bool], frozen: str, learning: str
+) -> None:
+    images = _pictures(TRAIN_PICTURES[:3])
+    data = TrainingImages(images, torch.zeros(len(images), dtype=torch.long))
+    config = _config(iterations=3)
+    config["ablation"] = ablation
+    config["stages"] = [
+        {"name": "a", "kind": "alternate", "data": "synthetic", "iterations": 4},
+        {"name": "j", "kind": "joint", "data": "pairs", "iterations": 4},
+    ]
+    model = run_training(config, data, tmp_path / "ckpt")
+    assert not _parameters_moved(model, frozen)
+    assert _parameters_moved(model, learning)
+
+
+def test_ablation_variants_scale_the_schedule_and_set_the_switches() -> None:
+    from model_export.ablate import VARIANTS, markdown_table, variant_config
+
+    base = {"stages": [{"name": "a", "iterations": 40}, {"name": "j", "iterations": 200}]}
+    scaled = variant_config(base, VARIANTS["alignment alone"], 0.25)
+    assert [s["iterations"] for s in scaled["stages"]] == [10, 50]
+    assert scaled["ablation"] == {"train_landmarks": False}
+    untrained = variant_config(base, VARIANTS["untrained"], 0.25)
+    assert [s["iterations"] for s in untrained["stages"]] == [0, 0]
+    assert base["stages"][0]["iterations"] == 40  # the base config is not modified
+    table = markdown_table({"joint (the method)": {"pfwillow": 0.6543}}, ["pfwillow"])
+    assert table.splitlines()[2] == "| joint (the method) | 0.654 |"

@@ -29,8 +29,9 @@ from jlad_client.viz import blend, palette
 from jlad_client.warp import identity_grid, sample_nearest
 
 DEFAULT_MIN_CONFIDENCE = 0.5
-"""Confidence below which a match counts as unreliable (`sigmoid(-s) < 0.5` means the
-predicted log uncertainty s is above 0)."""
+"""Confidence below which a match counts as unreliable. The models' confidence is the
+forward-backward consistency exp(-e^2 / 2) (docs/CONTRACT.md): 0.5 means the match maps back
+within 1.2 feature cells of where it started."""
 
 Labels = NDArray[np.integer]
 
