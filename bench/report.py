@@ -92,7 +92,7 @@ def spinning_table(results: dict[str, Any]) -> str:
     if not rows:
         return "(not measured)"
     lines = [
-        "| endpoint | batch | items/s, spinning (ORT default, as served) | items/s, no spinning "
+        "| endpoint | batch | items/s, spinning (ORT default, the raw loop) | items/s, no spinning "
         "| speed-up |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -186,8 +186,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         raw_table(points),
         "",
-        "The same loop with ONNX Runtime's idle intra-op threads spinning (its default; the "
-        "service keeps it) and with `session.intra_op.allow_spinning=0`, measured alternately:",
+        "The same loop with ONNX Runtime's idle intra-op threads spinning (its default, kept by "
+        "the raw loop) and with `session.intra_op.allow_spinning=0` (as the service runs), "
+        "alternately:",
         "",
         spinning_table(results),
         "",
