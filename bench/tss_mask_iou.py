@@ -4,10 +4,10 @@ For every pair folder of a TSS tree (`image1.png`, `image2.png`, `mask1.png`, `m
 `mask1` is carried onto `image2` with `POST /propagate` and compared with `mask2`. Beside it:
 the identity baseline (`mask1` not warped, resized to image2's size when the sizes differ)
 and, for the unreliable-pixel rule, three settings of the service: every match trusted
-(`min_confidence=0`), the default threshold, and the default threshold with the 3x3
-neighbourhood rule. Writes `tss_mask_iou.json`, the table `tss_mask_iou.md` and a picture
-`tss_mask_iou.png` (per pair: image1 with mask1, image2 with mask2, the identity baseline and
-the propagated mask with every match trusted).
+(`min_confidence=0`), the default threshold dropping every unreliable pixel, and the
+default rule (the threshold with the 3x3 neighbourhood rule). Writes `tss_mask_iou.json`,
+the table `tss_mask_iou.md` and a picture `tss_mask_iou.png` (per pair: image1 with mask1,
+image2 with mask2, the identity baseline and the propagated mask with every match trusted).
 
     python -m service &    # or any running service; JLAD_URL / JLAD_API_KEY to point at it
     python bench/tss_mask_iou.py ../shared/data/tss-sample --out runs/bench/tss_mask_iou
@@ -46,8 +46,8 @@ class Setting:
 
 SETTINGS = (
     Setting("all_matches", 0.0, False),
-    Setting("default_rule", DEFAULT_MIN_CONFIDENCE, False),
-    Setting("default_rule_neighbours", DEFAULT_MIN_CONFIDENCE, True),
+    Setting("drop_unreliable", DEFAULT_MIN_CONFIDENCE, False),
+    Setting("default_rule", DEFAULT_MIN_CONFIDENCE, True),
 )
 SHOWN = "all_matches"
 

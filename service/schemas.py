@@ -68,7 +68,7 @@ class PropagateOptions(_Strict):
         default=0.5, ge=0.0, le=1.0, description="Matches below this confidence are unreliable."
     )
     keep_if_neighbours_agree: bool = Field(
-        default=False,
+        default=True,
         description="Keep an unreliable pixel's label when the source neighbourhood of its "
         "match carries that one label throughout.",
     )

@@ -227,9 +227,15 @@ def test_propagation_of_a_shifted_mask_has_the_known_answer(client: JladClient) 
 
 def test_unreliable_pixels_become_background(client: JladClient) -> None:
     picture, mask = _picture(), _mask()
-    strict = client.propagate(picture, mask, [picture], min_confidence=1.0)
+    strict = client.propagate(
+        picture, mask, [picture], min_confidence=1.0, keep_if_neighbours_agree=False
+    )
     assert strict.reliable_fraction[0] < 0.01
     assert np.count_nonzero(strict.masks[0]) <= 0.01 * mask.size
+    # The default rule keeps unreliable pixels deep inside a region, drops those at edges.
+    default = client.propagate(picture, mask, [picture], min_confidence=1.0)
+    kept = np.count_nonzero(default.masks[0])
+    assert 0.5 * np.count_nonzero(mask) < kept < np.count_nonzero(mask)
 
 
 def test_async_client_round_trip(service: Service) -> None:

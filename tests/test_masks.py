@@ -79,7 +79,9 @@ def test_unreliable_pixels_take_the_configured_value() -> None:
     conf = np.ones(mask.shape, np.float32)
     conf[:, :12] = 0.2
     field = identity_grid(*mask.shape)
-    out = propagate_mask(mask, field, conf, min_confidence=0.5, unreliable=255)
+    out = propagate_mask(
+        mask, field, conf, min_confidence=0.5, unreliable=255, keep_if_neighbours_agree=False
+    )
     assert (out[:, :12] == 255).all()
     np.testing.assert_array_equal(out[:, 12:], mask[:, 12:])
     # None keeps the sampled label everywhere.
@@ -96,7 +98,7 @@ def test_nan_confidence_and_nan_positions() -> None:
     field[5, 6] = np.nan
     conf = np.ones(mask.shape, np.float32)
     conf[4, 5] = np.nan
-    out = propagate_mask(mask, field, conf, unreliable=9, outside=0)
+    out = propagate_mask(mask, field, conf, unreliable=9, outside=0, keep_if_neighbours_agree=False)
     assert out[5, 6] == 0  # unknown position: outside
     assert out[4, 5] == 9  # unknown confidence: unreliable
     assert mask[5, 6] == 1 and mask[4, 5] == 1

@@ -220,9 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument(
         "--keep-if-neighbours-agree",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="keep an unreliable pixel's label when the 3x3 source neighbourhood of its match "
-        "carries that one label",
+        "carries that one label (default: on; --no-keep-if-neighbours-agree drops every "
+        "unreliable pixel)",
     )
     pr.add_argument(
         "--fallback-reliability",

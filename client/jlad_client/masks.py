@@ -10,14 +10,16 @@ The rule for unreliable pixels (documented in docs/CLIENT.md):
 
 1. A target pixel whose source position falls outside the source image gets `outside`
    (default 0, background).
-2. A target pixel whose confidence is below `min_confidence` is *unreliable*. By default it
-   gets the value `unreliable` (default 0, background): a label is only carried where the
-   service vouches for the match. With `unreliable=None` the sampled label is kept anyway
-   (plain nearest-neighbour warping).
-3. With `keep_if_neighbours_agree=True`, an unreliable pixel still keeps its sampled label
-   when the whole (2r+1) x (2r+1) neighbourhood (r = `agree_radius`) around its source
-   position carries that same label: in the middle of a large region a small matching
-   error cannot change the answer, so only pixels near label boundaries are dropped.
+2. A target pixel whose confidence is below `min_confidence` is *unreliable*. It gets the
+   value `unreliable` (default 0, background) unless rule 3 keeps it. With
+   `unreliable=None` the sampled label is kept anyway (plain nearest-neighbour warping).
+3. With `keep_if_neighbours_agree=True` (the default), an unreliable pixel still keeps its
+   sampled label when the whole (2r+1) x (2r+1) neighbourhood (r = `agree_radius`) around
+   its source position carries that same label: in the middle of a large region a small
+   matching error cannot change the answer, so only pixels near label boundaries are
+   dropped. On the TSS sample this keeps whole-object IoU (0.869 vs 0.868 trusting every
+   match) where dropping every unreliable pixel costs it (0.674); pass False for masks that
+   must hold only pixels the service vouches for.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def propagate_mask(
     *,
     min_confidence: float = DEFAULT_MIN_CONFIDENCE,
     unreliable: int | None = 0,
-    keep_if_neighbours_agree: bool = False,
+    keep_if_neighbours_agree: bool = True,
     agree_radius: int = 1,
     outside: int = 0,
 ) -> Labels:

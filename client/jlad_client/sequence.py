@@ -166,7 +166,7 @@ def propagate_sequence(
     anchor_index: int | None = None,
     batch_size: int = 8,
     min_confidence: float = DEFAULT_MIN_CONFIDENCE,
-    keep_if_neighbours_agree: bool = False,
+    keep_if_neighbours_agree: bool = True,
     fallback_reliability: float = DEFAULT_FALLBACK_RELIABILITY,
     model: str | None = None,
 ) -> Iterator[FrameMask]:
