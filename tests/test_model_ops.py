@@ -152,7 +152,8 @@ def test_aligner_shapes_untrained_is_soft_argmax_and_gradients() -> None:
     assert out["mapping"].shape == (2, 2, 8, 8)
     assert out["log_sigma"].shape == (2, 1, 8, 8)
     assert out["confidence"].shape == (2, 1, 8, 8)
-    assert float(out["confidence"].min()) >= 0 and float(out["confidence"].max()) <= 1
+    confidence = out["confidence"].detach()
+    assert float(confidence.min()) >= 0 and float(confidence.max()) <= 1
     scores = neighbourhood_consensus(cosine_cross_similarity(fs, ft), (8, 8))
     base, _ = soft_argmax_mapping(scores, aligner.log_beta.exp())
     torch.testing.assert_close(out["mapping"], base)  # zero-initialised residual
