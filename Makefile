@@ -54,9 +54,10 @@ train-faces: setup  ## train the default `faces` model
 evaluate: setup  ## evaluate both default checkpoints on the data sets
 	$(PY) -m model_export.evaluate all --checkpoints checkpoints --data $(DATA) --out runs/eval
 
-ablation: setup  ## the README's ablation table (objects; ~35 min on 2 CPU cores)
+ablation: setup  ## the README's ablation table (objects; ~45 min on 2 CPU cores)
 	$(PY) -m model_export.ablate --config configs/objects.yaml --data $(DATA) --tasks pfwillow tss \
-		--scale 0.2 --variants untrained "alignment alone" "joint (the method)" "joint, no sigma" \
+		--scale 0.2 --variants untrained "alignment alone" "landmarks alone" "joint (the method)" \
+		"joint, no sigma" \
 		--threads 1 --out runs/ablation/objects
 
 bench: setup models  ## benchmarks on this machine (see docs/BENCH.md)

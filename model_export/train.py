@@ -156,8 +156,9 @@ def synthetic_feature_pair(
 class Ablation:
     """Config key `ablation` (README's ablation table); the defaults are the method.
 
-    train_alignment: False -> W_A, W_C and the adapter never learn (align steps skipped); the
-        landmark side still trains, with the untrained aligner as its teacher.
+    train_alignment: False -> W_A and W_C never learn (align steps skipped); the landmark
+        side still trains, with the untrained aligner as its teacher, and its eq. 2-3 term
+        (lambda_A = 1) still moves the adapter.
     train_landmarks: False -> W_D never learns; the alignment side trains without eq. 7
         (lambda_J = 0: there is no landmark teacher worth following).
     sigma_weighting: False -> eq. 3 weights every position by 1 (s = 0) and eq. 7 uses
@@ -217,10 +218,10 @@ class LandmarkTerms:
 
     separation_weight: float = 1.0
     margin: float = 0.05
-    # Whether landmark-side steps may move the shared adapter (the paper updates {W_F, W_D}).
-    # Off by default: on CPU-sized runs the landmark terms (lambda_J = 100) reshaped the
-    # features until matching collapsed (PF-WILLOW PCK@0.1 0.44 -> 0.15), so here only the
-    # alignment side trains W_F and W_D learns on top of it.
+    # Whether the landmark terms (eq. 6, and eq. 7 with lambda_J = 100) of landmark-side steps
+    # reach the shared adapter (the paper updates {W_F, W_D}). Off by default: on CPU-sized
+    # runs they reshaped the features until matching collapsed (PF-WILLOW PCK@0.1 0.44 ->
+    # 0.15). The eq. 2-3 term of those steps (lambda_A = 1) still trains the adapter.
     update_features: bool = False
 
     def features(self, features: Tensor) -> Tensor:
