@@ -140,7 +140,8 @@ class SemanticAligner(nn.Module):
         d1 = self.dec1(torch.cat([upsample2(d2), e1], dim=1))
         mapping = base + self.max_residual * torch.tanh(self.residual(d1))
         log_sigma = self.uncertainty(torch.cat([d1, peak], dim=1))
-        confidence = forward_backward_consistency(
-            scores, mapping, self.log_beta.exp(), self.grid_size
-        )
+        with torch.no_grad():  # a served measure, never trained: keep it out of autograd
+            confidence = forward_backward_consistency(
+                scores, mapping, self.log_beta.exp(), self.grid_size
+            )
         return {"mapping": mapping, "log_sigma": log_sigma, "confidence": confidence}

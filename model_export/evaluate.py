@@ -84,11 +84,19 @@ def image_features(model: JLAD, images: Tensor) -> Features:
 
 
 @torch.no_grad()
-def pair_mappings(model: JLAD, source: Features, target: Features) -> dict[str, Tensor]:
-    """`mapping` (B, 2, h, w) of every method for source -> target (docs/CONTRACT.md)."""
+def pair_mappings(
+    model: JLAD,
+    source: Features,
+    target: Features,
+    alignment: dict[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """`mapping` (B, 2, h, w) of every method for source -> target (docs/CONTRACT.md).
+    `alignment`: the model's `align` output for this pair when the caller already has it."""
     b, _, h, w = source["model"].shape
+    if alignment is None:
+        alignment = model.align(source["model"], target["model"])
     return {
-        "model": model.align(source["model"], target["model"])["mapping"],
+        "model": alignment["mapping"],
         "nearest_neighbour": nearest_neighbour_mapping(source["backbone"], target["backbone"]),
         "identity": identity_mapping(b, h, w, like=source["model"]),
     }
@@ -280,9 +288,10 @@ def evaluate_tss(
         size1, size2 = _size(item["image1"]), _size(item["image2"])
         f1 = image_features(model, image_to_tensor(image1, input_size)[None].to(device))
         f2 = image_features(model, image_to_tensor(item["image2"], input_size)[None].to(device))
-        forward, backward = pair_mappings(model, f1, f2), pair_mappings(model, f2, f1)
         with torch.no_grad():
-            confidence = model.align(f1["model"], f2["model"])["confidence"][0, 0].cpu().numpy()
+            aligned = model.align(f1["model"], f2["model"])
+        forward, backward = pair_mappings(model, f1, f2, aligned), pair_mappings(model, f2, f1)
+        confidence = aligned["confidence"][0, 0].cpu().numpy()
         if item["flip"]:
             confidence = confidence[:, ::-1]
         record: dict[str, Any] = {"name": item["name"], "flip": item["flip"]}

@@ -154,3 +154,10 @@ def assert_problem(response: httpx.Response, status: int, kind: str) -> dict[str
     assert body["status"] == status
     assert body["title"] and body["detail"]
     return body
+
+
+def hold_next_job(client: httpx.Client) -> None:
+    """Answer one request now, so that the next job arriving within the batching window does
+    not find the service quiet and waits the window for company (service.batching)."""
+    primer = client.post("/landmarks", files={"image": ("c.png", encode(chelsea()))})
+    assert primer.status_code == 200, primer.text

@@ -22,6 +22,7 @@ from tests.service_support import (
     chelsea,
     coffee,
     encode,
+    hold_next_job,
     serve,
     service_settings,
 )
@@ -109,13 +110,6 @@ def tight(model_dir: Path) -> Iterator[RunningServer]:
     )
     with serve(settings) as running:
         yield running
-
-
-def hold_next_job(client: httpx.Client) -> None:
-    """Answer one request now, so that the next job arriving within the batching window does
-    not find the service quiet and waits the window for company (service.batching)."""
-    primer = client.post("/landmarks", files={"image": ("c.png", encode(chelsea()))})
-    assert primer.status_code == 200, primer.text
 
 
 def queue_depth(server: RunningServer) -> int:

@@ -16,7 +16,7 @@ from typing import BinaryIO
 import httpx
 import pytest
 
-from tests.service_support import chelsea, encode, free_port
+from tests.service_support import chelsea, encode, free_port, hold_next_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,8 +78,8 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(
     image = encode(chelsea())
     # A job right after another waits the 1.5 s batching window (a lone one on a quiet
     # service would run at once), which leaves time to send SIGTERM while it is queued.
-    primer = httpx.post(url + "/landmarks", files={"image": ("c.png", image)}, timeout=60)
-    assert primer.status_code == 200, primer.text
+    with httpx.Client(base_url=url, timeout=60) as client:
+        hold_next_job(client)
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(
             httpx.post, url + "/landmarks", files={"image": ("c.png", image)}, timeout=60
