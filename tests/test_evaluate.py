@@ -65,12 +65,19 @@ def write_tss(root: Path) -> None:
 
 
 def write_pf_willow(root: Path) -> None:
-    """One class: the same image under two names, with the same keypoints."""
+    """Two classes. car(S): the same image under two names, with the same keypoints (every
+    baseline is perfect). duck(S): the same image again, but the second copy's keypoints sit
+    40 px to the right, 4 times the largest PCK radius (0.15 x 60 px): identity gets none."""
     image = texture(60, 80, 1)
     points = np.array([[10.0, 30, 50, 70], [12.0, 40, 20, 50]])  # 2 x N
     for name in ("Cars_001", "Cars_002"):
         save(root / "car(S)" / f"{name}.png", image)
         scipy.io.savemat(root / "car(S)" / f"{name}.mat", {"pts_coord": points})
+    wide = texture(60, 120, 3)
+    for name, shift in (("060_0001", 0.0), ("060_0002", 40.0)):
+        save(root / "duck(S)" / f"{name}.png", wide)
+        moved = points + np.array([[shift], [0.0]])
+        scipy.io.savemat(root / "duck(S)" / f"{name}.mat", {"pts_coord": moved})
 
 
 def write_mtfl(root: Path, count: int = 12) -> None:
@@ -126,13 +133,17 @@ def test_all_tasks_end_to_end(trees: Path, tmp_path: Path) -> None:
     assert summary["faces"]["checkpoint"].endswith("faces")
 
     pf = json.loads((out / "objects" / "pfwillow.json").read_text())
-    assert pf["num_pairs"] == 2 and set(pf["methods"]) == set(METHODS)
+    assert pf["num_pairs"] == 4 and set(pf["methods"]) == set(METHODS)
+    assert pf["classes"] == ["car(S)", "duck(S)"]
+    perfect = {"pck@0.05": 1.0, "pck@0.1": 1.0, "pck@0.15": 1.0}
     for method in ("identity", "nearest_neighbour"):
-        assert pf["methods"][method] == {"pck@0.05": 1.0, "pck@0.1": 1.0, "pck@0.15": 1.0}
+        assert pf["per_class"]["car(S)"][method] == perfect
+    assert pf["per_class"]["duck(S)"]["identity"] == {k: 0.0 for k in perfect}
+    # Each class counts once in `methods`: (1 + 0) / 2.
+    assert pf["methods"]["identity"] == {k: 0.5 for k in perfect}
     assert all(0 <= v <= 1 for v in pf["methods"]["model"].values())
-    assert pf["per_class"]["car(S)"]["identity"]["pck@0.1"] == 1.0
     figures = sorted((out / "objects" / "pfwillow").glob("*.png"))
-    assert len(figures) == 2 and all(is_png(p) for p in figures)
+    assert len(figures) == 2 and all(is_png(p) for p in figures)  # one pair per class
 
     tss = json.loads((out / "objects" / "tss.json").read_text())
     assert [p["flip"] for p in tss["pairs"]] == [True, False]  # mirror/ sorts before same/
@@ -199,7 +210,7 @@ def test_committed_objects_checkpoint_evaluates(trees: Path, tmp_path: Path) -> 
             "1",
         ]
     )
-    figures = reports["pfwillow"]["methods"]
+    figures = reports["pfwillow"]["per_class"]["car(S)"]
     assert figures["identity"]["pck@0.1"] == 1.0
     assert figures["nearest_neighbour"]["pck@0.1"] == 1.0
     assert 0 <= figures["model"]["pck@0.1"] <= 1
