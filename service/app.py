@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import problems
 from service.batching import Batcher
+from service.demo import install_demo
 from service.jobs import (
     DeadlineExceeded,
     Dispatcher,
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.jlad = state
     app.include_router(public)
     app.include_router(api)
+    install_demo(app)
     install_problem_handlers(app)
     # Added last = outermost: the request id exists before any limit answers.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
