@@ -425,6 +425,7 @@ def test_a_painted_mask_is_carried_to_a_shifted_copy(
     assert all(0.0 <= f <= 1.0 for f in fractions), fractions
     assert "Reliable pixels" in results[0].text
     shot(browser, out_dir, "06_mask_carried", "section.mask")
+    shot(browser, out_dir, "06_mask_on_the_pictures", ".pictures")
 
     started = time.time()
     results[0].find_element(By.CLASS_NAME, "download-mask").click()
@@ -433,6 +434,7 @@ def test_a_painted_mask_is_carried_to_a_shifted_copy(
     expected = np.zeros_like(painted)
     expected[dy:, dx:] = painted[:-dy, :-dx]
     iou = mask_iou(carried, expected)
+    print(f"carried mask IoU {iou:.3f}, left in place {mask_iou(painted, expected):.3f}")
     assert iou >= 0.8, iou
     # Carrying it must beat leaving the mask where it was.
     assert iou > mask_iou(painted, expected)

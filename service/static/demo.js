@@ -810,10 +810,14 @@ function drawPanel(slot) {
   }
   if ($("show-landmarks").checked && picture.landmarks) {
     context.font = "bold 16px system-ui, sans-serif";
+    const labelled = [];
     for (const lm of picture.landmarks) {
       const [x, y] = at(lm.x, lm.y);
       const colour = PALETTE[lm.index % PALETTE.length];
       dot(context, x, y, 8, colour, 0.25 + 0.75 * lm.confidence);
+      // Landmarks that sit together keep one label; the list below the picture has them all.
+      if (labelled.some(([lx, ly]) => Math.hypot(lx - x, ly - y) < 24)) continue;
+      labelled.push([x, y]);
       context.fillStyle = "#fff";
       context.strokeStyle = "#000";
       context.lineWidth = 3;
