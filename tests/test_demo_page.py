@@ -11,11 +11,13 @@ names another one, e.g. to refresh the README's pictures).
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import io
 import json
 import os
 import shutil
 import time
+import tomllib
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -247,6 +249,20 @@ def test_shifted_sample_is_the_sample_moved() -> None:
     dx, dy = SHIFT
     assert base.shape == moved.shape == (192, 256, 3)
     assert np.array_equal(moved[dy:, dx:], base[:-dy, :-dx])
+
+
+def test_every_page_file_ships_in_the_package() -> None:
+    """Each file under service/static/ is in a listed package and matches its package-data
+    globs, so a wheel (the Docker image installs one) carries the whole page."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    static = ROOT / "service" / "static"
+    files = [f for f in static.rglob("*") if f.is_file()]
+    assert {"index.html", "demo.js", "encode.js", "demo.css"} <= {f.name for f in files}
+    for file in files:
+        package = ".".join(file.parent.relative_to(ROOT).parts)
+        assert package in config["packages"], package
+        globs = config["package-data"].get(package, [])
+        assert any(fnmatch.fnmatch(file.name, g) for g in globs), (file, globs)
 
 
 def test_page_is_served_outside_the_api_document(tmp_path: Path) -> None:
