@@ -1,18 +1,25 @@
 """Evaluation CLI: PCK on PF-WILLOW, flow accuracy and mask IoU on TSS, landmark error on MTFL.
 
+Tasks: `pfwillow`, `tss`, `faces` (as cropped and tight crops), `objects-landmarks` (spread,
+part purity and regressor error of the objects model's landmarks on PF-WILLOW), `davis` once
+its module exists, and `all`.
+
     python -m model_export.evaluate pfwillow --checkpoint checkpoints/objects \\
         --data ../shared/data/pf-willow-sample --out runs/eval/objects
     python -m model_export.evaluate tss --checkpoint checkpoints/objects \\
         --data ../shared/data/tss-sample --out runs/eval/objects
     python -m model_export.evaluate faces --checkpoint checkpoints/faces \\
         --data ../shared/data/mtfl-train --out runs/eval/faces
+    python -m model_export.evaluate objects-landmarks --checkpoint checkpoints/objects \\
+        --data ../shared/data/pf-willow-sample --out runs/eval/objects
     python -m model_export.evaluate all --checkpoints checkpoints --data ../shared/data \\
-        --out runs/eval
+        --out runs/eval --docs-img docs/img
 
 Every task reports the model beside two baselines computed on the same images:
 `nearest_neighbour` (argmax of cosine similarity between the model's own frozen backbone
 features, no trained head) and `identity` (every position matched to the same normalised
-position). Each run writes `<out>/<task>.json` (figures) and PNGs under `<out>/<task>/`.
+position); the landmark tasks report the mean-shape baseline. Each run writes
+`<out>/<task>.json` (figures) and PNGs under `<out>/<task>/`.
 Protocols: docs/EVALUATION.md. One module per benchmark under `model_export/evaluation/`;
 this module is the command line.
 """
@@ -31,10 +38,11 @@ from typing import Any
 
 import torch
 
-from model_export.checkpoint import load_model
+from model_export.checkpoint import load_config, load_model
 from model_export.data import MTFL_MISALIGNED
 from model_export.evaluation.common import METHODS
 from model_export.evaluation.faces import evaluate_faces
+from model_export.evaluation.object_landmarks import evaluate_objects_landmarks
 from model_export.evaluation.pfwillow import evaluate_pfwillow
 from model_export.evaluation.tss import evaluate_tss
 
@@ -47,9 +55,21 @@ RUNNERS: dict[str, Runner] = {
     "pfwillow": evaluate_pfwillow,
     "tss": evaluate_tss,
     "faces": evaluate_faces,
+    "objects-landmarks": evaluate_objects_landmarks,
 }
-DEFAULT_DATA_DIRS = {"pfwillow": "pf-willow-sample", "tss": "tss-sample", "faces": "mtfl-train"}
-DEFAULT_MODELS = {"pfwillow": "objects", "tss": "objects", "faces": "faces"}
+DEFAULT_DATA_DIRS = {
+    "pfwillow": "pf-willow-sample",
+    "tss": "tss-sample",
+    "faces": "mtfl-train",
+    "objects-landmarks": "pf-willow-sample",
+}
+DEFAULT_MODELS = {
+    "pfwillow": "objects",
+    "tss": "objects",
+    "faces": "faces",
+    "objects-landmarks": "objects",
+}
+LANDMARK_TASKS = ("faces", "objects-landmarks")
 
 # Benchmarks written in parallel register themselves only once their module exists.
 OPTIONAL = {"davis": ("evaluate_davis", "davis2016-sample", "objects")}
@@ -105,6 +125,11 @@ def run_task(
     return report
 
 
+def _first(*values: Any) -> Any:
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m model_export.evaluate", description=__doc__.split("\n")[0]
@@ -113,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint",
         type=Path,
-        help="checkpoint folder (single task; default checkpoints/<model>)",
+        help="one checkpoint folder, e.g. a training run's --out (single task; default "
+        "<checkpoints>/<model>)",
     )
     parser.add_argument(
         "--checkpoints",
@@ -127,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         required=True,
-        help="the data set folder; for 'all' the folder holding "
-        "pf-willow-sample/, tss-sample/ and mtfl-train/",
+        help="the folder holding the data sets (pf-willow-sample/, tss-sample/, mtfl-train/ "
+        "...); for a single task also the data set's own folder",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0 ...")
@@ -139,8 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="how many pairs (or faces) to draw (default per task)",
     )
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="faces: held-out share")
-    parser.add_argument("--seed", type=int, default=0, help="faces: split seed")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="faces: held-out share (default: the checkpoint's training config, else 0.1)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="faces: split seed (default: the checkpoint's training config, else 0)",
+    )
+    parser.add_argument(
+        "--crop-seed", type=int, default=0, help="faces: seed of the tight crops' shifts"
+    )
     parser.add_argument("--max-train", type=int, default=None, help="faces: cap the train split")
     parser.add_argument("--max-val", type=int, default=None, help="faces: cap the val split")
     parser.add_argument("--batch-size", type=int, default=64, help="faces: batch size")
@@ -151,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="faces: image paths to leave out (default: the MTFL crops whose annotations miss "
         "their faces, %(default)s); give the flag alone to keep every face",
+    )
+    parser.add_argument(
+        "--docs-img",
+        type=Path,
+        default=None,
+        help="also write the landmark tasks' PNG grids here (`make evaluate`: docs/img)",
     )
     parser.add_argument(
         "--update-checkpoint-metrics",
@@ -170,18 +215,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     tasks = list(TASKS) if args.task == "all" else [args.task]
     reports: dict[str, dict[str, Any]] = {}
     for task in tasks:
-        options: dict[str, Any] = {}
-        if args.figures is not None:
-            options["figures"] = args.figures
-        if task == "faces":
-            options.update(
-                val_fraction=args.val_fraction,
-                seed=args.seed,
-                max_train=args.max_train,
-                max_val=args.max_val,
-                batch_size=args.batch_size,
-                exclude=args.faces_exclude,
-            )
         if args.task == "all":
             checkpoint = args.checkpoints / models[task]
             data = args.data / DEFAULT_DATA_DIRS[task]
@@ -191,6 +224,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
             # --data may name the data set itself or the folder holding all of them.
             nested = args.data / DEFAULT_DATA_DIRS[task]
             data, out = (nested if nested.is_dir() else args.data), args.out
+        options: dict[str, Any] = {}
+        if args.figures is not None:
+            options["figures"] = args.figures
+        if task in LANDMARK_TASKS:
+            options["docs_img"] = args.docs_img
+        if task == "faces":
+            # The split training used: its config's seed and held-out share.
+            trained = load_config(checkpoint)
+            options.update(
+                val_fraction=_first(args.val_fraction, trained.get("val_fraction"), 0.1),
+                seed=int(_first(args.seed, trained.get("seed"), 0)),
+                crop_seed=args.crop_seed,
+                max_train=args.max_train,
+                max_val=args.max_val,
+                batch_size=args.batch_size,
+                exclude=args.faces_exclude,
+            )
         reports[task] = run_task(
             task,
             checkpoint,

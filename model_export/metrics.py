@@ -13,6 +13,9 @@ Protocols (docs/EVALUATION.md):
 - Landmark error: linear map without bias from the K discovered landmarks to the 5
   annotated points, fitted on a training split; mean point error on a validation split as
   a percentage of the inter-ocular distance.
+- Object landmarks (PF-WILLOW): spread (mean distance between the K points, % of the image
+  diagonal), part purity (how often landmark k lands nearest the same annotated keypoint)
+  and the leave-one-image-out regressor error in % of the keypoint box's longer side.
 """
 
 from __future__ import annotations
@@ -222,3 +225,77 @@ def landmark_error(
         raise ValueError("an image has coincident eye points")
     per_image = np.linalg.norm(pred - true, axis=-1).mean(axis=1) / inter_ocular
     return float(100 * per_image.mean())
+
+
+def landmark_spread(points: ArrayLike, size: tuple[int, int]) -> float:
+    """Mean distance between the K points (K, 2) of one image, over all K (K - 1) / 2 pairs,
+    in percent of the diagonal of the image of `size` = (H, W) (points in its pixels).
+    0 when the landmarks have collapsed onto one spot."""
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    if len(pts) < 2:
+        raise ValueError("spread needs two or more points")
+    upper = np.triu_indices(len(pts), k=1)
+    distances = np.linalg.norm(pts[:, None] - pts[None], axis=-1)[upper]
+    return float(100 * distances.mean() / math.hypot(*size))
+
+
+def nearest_keypoints(landmarks: ArrayLike, keypoints: ArrayLike) -> NDArray[np.int64]:
+    """For each landmark (K, 2) the index of the nearest keypoint (P, 2) of the same image
+    (same pixel coordinates); (K,). Keypoints that are not finite are never chosen."""
+    lm = np.asarray(landmarks, np.float64).reshape(-1, 2)
+    kp = np.asarray(keypoints, np.float64).reshape(-1, 2)
+    distances = np.linalg.norm(lm[:, None] - kp[None], axis=-1)
+    distances[:, ~np.isfinite(kp).all(axis=1)] = np.inf
+    return np.asarray(distances.argmin(axis=1), np.int64)
+
+
+def part_purity(assignments: ArrayLike) -> NDArray[np.float64]:
+    """Per landmark, the share of images whose nearest keypoint is the landmark's most common
+    one. assignments: (N, K) keypoint index per image and landmark (`nearest_keypoints`);
+    returns (K,) in [1/N, 1]: 1 when landmark k lands on the same annotated part in every
+    image."""
+    a = np.asarray(assignments, np.int64)
+    if a.ndim != 2 or len(a) == 0:
+        raise ValueError(f"expected (N, K) with N >= 1, got {a.shape}")
+    return np.array([np.bincount(column).max() / len(column) for column in a.T], np.float64)
+
+
+def keypoint_error(pred_points: ArrayLike, true_points: ArrayLike) -> NDArray[np.float64]:
+    """Per image, the mean point error in percent of the longer side of the true keypoints'
+    bounding box (`keypoint_bbox_size`). pred_points, true_points: (N, P, 2) pixels of each
+    image; returns (N,)."""
+    pred = np.asarray(pred_points, np.float64)
+    true = np.asarray(true_points, np.float64)
+    if pred.shape != true.shape or pred.ndim != 3:
+        raise ValueError(f"shapes must match and be (N, P, 2): {pred.shape} vs {true.shape}")
+    lengths = np.array([keypoint_bbox_size(t) for t in true])
+    return np.asarray(100 * np.linalg.norm(pred - true, axis=-1).mean(axis=1) / lengths)
+
+
+def leave_one_out_regression(
+    landmarks: ArrayLike, annotations: ArrayLike, ridge: float = 1e-6
+) -> NDArray[np.float64]:
+    """Predict each image's annotated points from its landmarks with the linear map (no
+    bias, `fit_landmark_regressor`) fitted on all the other images. landmarks (N, K, 2),
+    annotations (N, P, 2), same coordinates (normalised per image); returns (N, P, 2).
+    With fewer than 2K other images the fit is under-determined: the tiny ridge makes it the
+    minimum-norm least-squares solution."""
+    x = np.asarray(landmarks, np.float64)
+    y = np.asarray(annotations, np.float64)
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"need 2+ images with both landmarks and annotations: {x.shape} {y.shape}")
+    out = np.empty_like(y)
+    for i in range(len(x)):
+        rest = np.arange(len(x)) != i
+        weights = fit_landmark_regressor(x[rest], y[rest], ridge)
+        out[i] = regress_landmarks(weights, x[i : i + 1])[0]
+    return out
+
+
+def leave_one_out_mean_shape(annotations: ArrayLike) -> NDArray[np.float64]:
+    """The mean-shape baseline of `leave_one_out_regression`: each image's points predicted
+    as the mean of the other images' (N, P, 2) -> (N, P, 2)."""
+    y = np.asarray(annotations, np.float64)
+    if len(y) < 2:
+        raise ValueError("need 2+ images")
+    return np.asarray((y.sum(axis=0, keepdims=True) - y) / (len(y) - 1))

@@ -20,7 +20,17 @@ from jlad_client.flowio import write_flo
 from PIL import Image
 
 from model_export.checkpoint import save_checkpoint
-from model_export.data import mtfl_split, read_mtfl_annotations
+from model_export.data import (
+    TIGHT_INTER_OCULAR,
+    TIGHT_SIZE,
+    MTFLFaces,
+    MTFLTightFaces,
+    affine_points,
+    mtfl_split,
+    read_mtfl_annotations,
+    tight_crop_transform,
+    warp_affine,
+)
 from model_export.evaluate import METHODS, main
 from model_export.metrics import landmark_error
 from model_export.model import JLAD, ModelConfig
@@ -104,7 +114,9 @@ def trees(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     for name in ("objects", "faces"):
         model = JLAD(ModelConfig(input_size=(INPUT, INPUT)))
-        save_checkpoint(root / "checkpoints" / name, model, {"description": "test"})
+        # The faces split comes from the training config (val_fraction, seed).
+        config = {"description": "test", "val_fraction": 0.25, "seed": 0}
+        save_checkpoint(root / "checkpoints" / name, model, config)
     return root
 
 
@@ -124,11 +136,11 @@ def test_all_tasks_end_to_end(trees: Path, tmp_path: Path) -> None:
             str(trees / "data"),
             "--out",
             str(out),
-            "--val-fraction",
-            "0.25",
+            "--docs-img",
+            str(tmp_path / "docs"),
         ]
     )
-    assert set(reports) == {"pfwillow", "tss", "faces"}
+    assert {"pfwillow", "tss", "faces", "objects-landmarks"} <= set(reports)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["faces"]["checkpoint"].endswith("faces")
 
@@ -156,7 +168,8 @@ def test_all_tasks_end_to_end(trees: Path, tmp_path: Path) -> None:
     assert len(list((out / "objects" / "tss").glob("*.png"))) == 2
 
     faces = json.loads((out / "faces" / "faces.json").read_text())
-    assert (faces["num_train"], faces["num_val"]) == (9, 3)
+    assert (faces["num_train"], faces["num_val"]) == (9, 3)  # val_fraction from the config
+    assert set(faces["methods"]) == {"model", "nearest_neighbour", "mean_shape"}
     data = trees / "data" / "mtfl-train"
     records = read_mtfl_annotations(data / "new_training.txt")
     train, val = mtfl_split(data, 0.25, seed=0)
@@ -164,12 +177,48 @@ def test_all_tasks_end_to_end(trees: Path, tmp_path: Path) -> None:
     mean_shape = np.mean([scaled[i] for i in train], axis=0)
     truth = np.stack([scaled[i] for i in val])
     expected = landmark_error(np.broadcast_to(mean_shape, truth.shape), truth)
-    assert faces["methods"]["identity"]["landmark_error_percent"] == pytest.approx(
+    assert faces["methods"]["mean_shape"]["landmark_error_percent"] == pytest.approx(
         expected, rel=1e-4
     )
-    assert np.isfinite(faces["methods"]["model"]["landmark_error_percent"])
-    for name in ("landmarks.png", "regressed.png"):
-        assert is_png(out / "faces" / "faces" / name)
+    # Tight crops: the mean shape of the tight training crops, on the tight val crops.
+    tight = {
+        split: np.stack(
+            [f["points"].numpy() for f in MTFLTightFaces(data, (INPUT, INPUT), split, 0.25)]
+        )
+        for split in ("train", "val")
+    }
+    expected = landmark_error(
+        np.broadcast_to(tight["train"].mean(axis=0), tight["val"].shape), tight["val"]
+    )
+    assert faces["methods"]["mean_shape"]["tight_landmark_error_percent"] == pytest.approx(
+        expected, rel=1e-4
+    )
+    assert faces["sets"]["tight"]["val_inter_ocular_px"] == pytest.approx(
+        TIGHT_INTER_OCULAR, rel=1e-3
+    )
+    for key in ("landmark_error_percent", "tight_landmark_error_percent"):
+        assert np.isfinite(faces["methods"]["model"][key])
+    for name in ("as_cropped", "tight"):
+        for png in ("landmarks.png", "regressed.png"):
+            assert is_png(out / "faces" / "faces" / name / png)
+        assert is_png(tmp_path / "docs" / f"faces_{name}.png")
+
+    objects = json.loads((out / "objects" / "objects-landmarks.json").read_text())
+    car, duck = objects["per_class"]["car(S)"], objects["per_class"]["duck(S)"]
+    # car(S): one image twice: the same landmarks, so they land on the same parts and the
+    # one-image regressor reproduces the other copy's keypoints; so does the mean shape.
+    assert car["model"]["part_purity"] == 1.0
+    assert car["model"]["regressor_error_percent"] == pytest.approx(0.0, abs=1e-3)
+    assert car["mean_shape"]["regressor_error_percent"] == pytest.approx(0.0, abs=1e-9)
+    # duck(S): the other copy's keypoints are 40 px off, L = 60 px.
+    assert duck["mean_shape"]["regressor_error_percent"] == pytest.approx(100 * 40 / 60)
+    assert objects["methods"]["mean_shape"]["regressor_error_percent"] == pytest.approx(
+        100 * 40 / 60 / 2
+    )
+    assert 0 <= objects["methods"]["model"]["spread_percent"] <= 100
+    for name in ("car_S", "duck_S"):
+        assert is_png(out / "objects" / "objects_landmarks" / f"{name}.png")
+        assert is_png(tmp_path / "docs" / f"objects_landmarks_{name}.png")
 
 
 def test_single_task_updates_checkpoint_metrics(trees: Path, tmp_path: Path) -> None:
@@ -214,3 +263,51 @@ def test_committed_objects_checkpoint_evaluates(trees: Path, tmp_path: Path) -> 
     assert figures["identity"]["pck@0.1"] == 1.0
     assert figures["nearest_neighbour"]["pck@0.1"] == 1.0
     assert 0 <= figures["model"]["pck@0.1"] <= 1
+
+
+# --- tight face crops ----------------------------------------------------------------------
+
+
+FACE = np.array([[80.0, 90], [100, 90], [90, 100], [83, 112], [97, 112]])
+
+
+def test_tight_crop_places_and_scales_from_the_points() -> None:
+    a, b = tight_crop_transform(FACE, np.random.default_rng(0), max_shift=0, max_rotation_deg=0)
+    crop = affine_points(FACE, a, b)
+    assert np.linalg.norm(crop[0] - crop[1]) == pytest.approx(TIGHT_INTER_OCULAR)
+    eyes, mouth = crop[:2].mean(axis=0), crop[3:].mean(axis=0)
+    np.testing.assert_allclose((eyes + mouth) / 2, [(TIGHT_SIZE - 1) / 2] * 2, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tight_crop_moves_the_pixels_with_the_points(seed: int) -> None:
+    """Bright 3 x 3 dots on the 5 points: after a random shift and rotation, the crop is
+    bright where the transformed points say, and the eyes stay 24 px apart."""
+    image = np.zeros((200, 200, 3), np.uint8)
+    for x, y in FACE.astype(int):
+        image[y - 1 : y + 2, x - 1 : x + 2] = 255
+    a, b = tight_crop_transform(FACE, np.random.default_rng(seed))
+    crop = warp_affine(image, a, b, (TIGHT_SIZE, TIGHT_SIZE))
+    points = affine_points(FACE, a, b)
+    assert np.linalg.norm(points[0] - points[1]) == pytest.approx(TIGHT_INTER_OCULAR)
+    for x, y in points.round().astype(int):
+        assert crop[y, x].min() == 255, (seed, x, y)
+    assert crop.mean() < 255 * 5 * 16 / TIGHT_SIZE**2  # nothing bright elsewhere
+
+
+def test_tight_faces_split_matches_and_crops_are_reproducible(tmp_path: Path) -> None:
+    write_mtfl(tmp_path)
+    faces = MTFLFaces(tmp_path, (INPUT, INPUT), "val", 0.25, 0)
+    tight = MTFLTightFaces(tmp_path, (INPUT, INPUT), "val", 0.25, 0, crop_seed=3)
+    again = MTFLTightFaces(tmp_path, (INPUT, INPUT), "val", 0.25, 0, crop_seed=3)
+    assert tight.indices.tolist() == faces.indices.tolist()
+    item = tight[0]
+    assert item["image"].shape == (3, INPUT, INPUT)
+    assert torch.equal(item["image"], again[0]["image"])
+    eyes = item["crop_points"][0] - item["crop_points"][1]
+    assert float(eyes.norm()) == pytest.approx(TIGHT_INTER_OCULAR, rel=1e-5)
+    np.testing.assert_allclose(
+        item["points"].numpy(),
+        rescale_pixels(item["crop_points"].numpy(), (TIGHT_SIZE, TIGHT_SIZE), (INPUT, INPUT)),
+        rtol=1e-5,
+    )

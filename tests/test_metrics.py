@@ -21,8 +21,14 @@ from model_export.metrics import (
     fit_landmark_regressor,
     flow_accuracy,
     keypoint_bbox_size,
+    keypoint_error,
     landmark_error,
+    landmark_spread,
+    leave_one_out_mean_shape,
+    leave_one_out_regression,
     mask_iou,
+    nearest_keypoints,
+    part_purity,
     pck,
     regress_landmarks,
     roc_auc,
@@ -216,3 +222,42 @@ def test_roc_auc_known_answers() -> None:
     assert roc_auc([0.1, 0.6, 0.5, 0.9], [False, False, True, True]) == 0.75
     assert roc_auc([0.5, 0.5, 0.5], [True, False, True]) == 0.5  # ties count half
     assert np.isnan(roc_auc([0.1, 0.2], [True, True]))
+
+
+# --- object landmarks ----------------------------------------------------------------------
+
+
+def test_landmark_spread_known_answer() -> None:
+    # A 3-4-5 triangle in a 30 x 40 image (diagonal 50): mean side (3 + 4 + 5) / 3 = 4 -> 8 %.
+    points = np.array([[0.0, 0.0], [3.0, 0.0], [3.0, 4.0]])
+    assert landmark_spread(points, (30, 40)) == pytest.approx(8.0)
+    assert landmark_spread(np.ones((5, 2)), (30, 40)) == 0.0  # collapsed
+
+
+def test_nearest_keypoints_and_part_purity() -> None:
+    keypoints = np.array([[0.0, 0.0], [10.0, 0.0], [np.nan, np.nan]])
+    landmarks = np.array([[1.0, 1.0], [9.0, 0.0], [100.0, 100.0]])
+    assert nearest_keypoints(landmarks, keypoints).tolist() == [0, 1, 1]  # NaN never chosen
+    # Landmark 0 on keypoint 3 in 3 of 4 images, landmark 1 always on 2.
+    purity = part_purity(np.array([[3, 2], [3, 2], [1, 2], [3, 2]]))
+    assert purity.tolist() == [0.75, 1.0]
+
+
+def test_keypoint_error_in_percent_of_the_box_side() -> None:
+    true = np.array([[[0.0, 0.0], [20.0, 10.0]]])  # box 20 x 10: L = 20
+    pred = true + np.array([[[2.0, 0.0], [0.0, 0.0]]])  # errors 2 and 0: mean 1 -> 5 %
+    assert keypoint_error(pred, true).tolist() == pytest.approx([5.0])
+
+
+def test_leave_one_out_regression_recovers_a_linear_map() -> None:
+    rng = np.random.default_rng(0)
+    landmarks = rng.normal(size=(12, 3, 2))  # 12 images, 6 inputs: every fold well-posed
+    weights = rng.normal(size=(6, 4))
+    points = regress_landmarks(weights, landmarks)
+    np.testing.assert_allclose(leave_one_out_regression(landmarks, points), points, atol=1e-4)
+
+
+def test_leave_one_out_mean_shape_leaves_the_image_out() -> None:
+    points = np.array([[[0.0, 0.0]], [[2.0, 4.0]], [[4.0, 8.0]]])
+    expected = np.array([[[3.0, 6.0]], [[2.0, 4.0]], [[1.0, 2.0]]])
+    np.testing.assert_allclose(leave_one_out_mean_shape(points), expected)
