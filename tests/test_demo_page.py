@@ -401,6 +401,7 @@ def test_a_click_finds_its_match_on_a_shifted_copy(
         )
         assert browser.execute_script("return arguments[0].naturalWidth", image) == width
         shot(browser, out_dir, f"05_view_{view}", "section.views")
+    assert console_errors(browser) == []
 
 
 def test_a_painted_mask_is_carried_to_a_shifted_copy(
@@ -462,6 +463,7 @@ def test_a_painted_mask_is_carried_to_a_shifted_copy(
         assert archive.namelist() == ["mask_astronaut-shifted.png", "mask_chelsea.png"]
         assert np.array_equal(png_labels(archive.read("mask_astronaut-shifted.png")), carried)
         assert png_labels(archive.read("mask_chelsea.png")).shape == (200, 300)
+    assert console_errors(browser) == []
 
 
 def test_errors_show_the_services_problem_text(

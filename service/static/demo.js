@@ -747,33 +747,32 @@ function ring(context, x, y, radius, colour, width = 2) {
   context.stroke();
 }
 
-function dot(context, x, y, radius, fill, alpha = 1) {
+function dot(context, x, y, radius, fill, alpha = 1, k = 1) {
   context.beginPath();
   context.arc(x, y, radius, 0, 2 * Math.PI);
   context.globalAlpha = alpha;
   context.fillStyle = fill;
   context.fill();
   context.globalAlpha = 1;
-  context.lineWidth = 1.5;
+  context.lineWidth = 1.5 * k;
   context.strokeStyle = "#fff";
   context.stroke();
 }
 
-function crosshair(context, x, y, colour) {
-  context.lineWidth = 2;
-  context.strokeStyle = "#000a";
-  for (const [w, c] of [[4, "#000a"], [2, colour]]) {
+function crosshair(context, x, y, colour, k = 1) {
+  const [inner, outer] = [3 * k, 10 * k];
+  for (const [w, c] of [[4 * k, "#000a"], [2 * k, colour]]) {
     context.lineWidth = w;
     context.strokeStyle = c;
     context.beginPath();
-    context.moveTo(x - 12, y);
-    context.lineTo(x - 4, y);
-    context.moveTo(x + 4, y);
-    context.lineTo(x + 12, y);
-    context.moveTo(x, y - 12);
-    context.lineTo(x, y - 4);
-    context.moveTo(x, y + 4);
-    context.lineTo(x, y + 12);
+    context.moveTo(x - outer, y);
+    context.lineTo(x - inner, y);
+    context.moveTo(x + inner, y);
+    context.lineTo(x + outer, y);
+    context.moveTo(x, y - outer);
+    context.lineTo(x, y - inner);
+    context.moveTo(x, y + inner);
+    context.lineTo(x, y + outer);
     context.stroke();
   }
 }
@@ -800,6 +799,8 @@ function drawPanel(slot) {
   if (canvas.width !== width) canvas.width = width;
   if (canvas.height !== height) canvas.height = height;
   const context = canvas.getContext("2d");
+  // Canvas pixels per CSS pixel: marks keep their on-screen size on a phone and a desktop.
+  const k = width / Math.max(1, canvas.getBoundingClientRect().width || width);
   context.clearRect(0, 0, width, height);
   if (picture.bitmap) context.drawImage(picture.bitmap, 0, 0, width, height);
   // Image pixel (x, y) (pixel centres at integers) -> canvas position.
@@ -809,21 +810,21 @@ function drawPanel(slot) {
     context.drawImage(state.results[0].overlay, 0, 0, width, height);
   }
   if ($("show-landmarks").checked && picture.landmarks) {
-    context.font = "bold 16px system-ui, sans-serif";
+    context.font = `bold ${Math.round(12 * k)}px system-ui, sans-serif`;
     const labelled = [];
     for (const lm of picture.landmarks) {
       const [x, y] = at(lm.x, lm.y);
       const colour = PALETTE[lm.index % PALETTE.length];
-      dot(context, x, y, 8, colour, 0.25 + 0.75 * lm.confidence);
+      dot(context, x, y, 6 * k, colour, 0.25 + 0.75 * lm.confidence, k);
       // Landmarks that sit together keep one label; the list below the picture has them all.
-      if (labelled.some(([lx, ly]) => Math.hypot(lx - x, ly - y) < 24)) continue;
+      if (labelled.some(([lx, ly]) => Math.hypot(lx - x, ly - y) < 18 * k)) continue;
       labelled.push([x, y]);
       context.fillStyle = "#fff";
       context.strokeStyle = "#000";
-      context.lineWidth = 3;
+      context.lineWidth = 3 * k;
       const label = `${lm.index} ${lm.confidence.toFixed(2)}`;
-      context.strokeText(label, x + 10, y - 8);
-      context.fillText(label, x + 10, y - 8);
+      context.strokeText(label, x + 8 * k, y - 6 * k);
+      context.fillText(label, x + 8 * k, y - 6 * k);
     }
   }
   if (!state.field) return;
@@ -831,20 +832,22 @@ function drawPanel(slot) {
     const { shown } = confidentMatches();
     for (const m of shown) {
       const [x, y] = slot === "source" ? at(m.x, m.y) : at(m.match.x, m.match.y);
-      dot(context, x, y, 4.5, `hsl(${m.hue} 85% 55%)`);
+      dot(context, x, y, 3.5 * k, `hsl(${m.hue} 85% 55%)`, 1, k);
     }
   }
   for (const [point, kind] of [[state.pinned, "pinned"], [state.cursor, "hover"]]) {
     if (!point) continue;
     if (slot === "source") {
       const [x, y] = at(point.x, point.y);
-      crosshair(context, x, y, kind === "pinned" ? "#fff" : "#ffeb3b");
+      ring(context, x, y, 9 * k, "#000", 5 * k);
+      ring(context, x, y, 9 * k, kind === "pinned" ? "#fff" : "#ffeb3b", 3 * k);
+      crosshair(context, x, y, kind === "pinned" ? "#fff" : "#ffeb3b", k);
     } else {
       const match = matchOf(point.x, point.y);
       const [x, y] = at(match.x, match.y);
-      ring(context, x, y, 11, "#000", 5);
-      ring(context, x, y, 11, confidenceColour(match.confidence), 3);
-      crosshair(context, x, y, kind === "pinned" ? "#fff" : "#ffeb3b");
+      ring(context, x, y, 9 * k, "#000", 5 * k);
+      ring(context, x, y, 9 * k, confidenceColour(match.confidence), 3 * k);
+      crosshair(context, x, y, kind === "pinned" ? "#fff" : "#ffeb3b", k);
     }
   }
 }
@@ -1024,6 +1027,7 @@ function bind() {
     if ($("download-source-mask").getAttribute("aria-disabled") === "true") event.preventDefault();
   });
   bindSourcePointer();
+  window.addEventListener("resize", draw);
   window.addEventListener("unhandledrejection", (event) => showError(event.reason));
 }
 
