@@ -51,8 +51,9 @@ train-objects: setup  ## train the default `objects` model (DATA=path to the dat
 train-faces: setup  ## train the default `faces` model
 	$(PY) -m model_export.train --config configs/faces.yaml --data $(DATA)/mtfl-train --out checkpoints/faces
 
-evaluate: setup  ## evaluate both default checkpoints on the data sets
-	$(PY) -m model_export.evaluate all --checkpoints checkpoints --data $(DATA) --out runs/eval
+evaluate: setup  ## every benchmark on both default checkpoints (runs/eval/, PNG grids in docs/img/)
+	$(PY) -m model_export.evaluate all --checkpoints checkpoints --data $(DATA) --out runs/eval \
+		--docs-img docs/img
 
 ablation: setup  ## the README's ablation table (objects; ~45 min on 2 CPU cores)
 	$(PY) -m model_export.ablate --config configs/objects.yaml --data $(DATA) --tasks pfwillow tss \

@@ -41,7 +41,7 @@ import torch
 from model_export.checkpoint import load_config, load_model
 from model_export.data import MTFL_MISALIGNED
 from model_export.evaluation.common import METHODS
-from model_export.evaluation.faces import evaluate_faces
+from model_export.evaluation.faces import FACES_MAX_TRAIN, evaluate_faces
 from model_export.evaluation.object_landmarks import evaluate_objects_landmarks
 from model_export.evaluation.pfwillow import evaluate_pfwillow
 from model_export.evaluation.tss import evaluate_tss
@@ -180,7 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--crop-seed", type=int, default=0, help="faces: seed of the tight crops' shifts"
     )
-    parser.add_argument("--max-train", type=int, default=None, help="faces: cap the train split")
+    parser.add_argument(
+        "--max-train",
+        type=int,
+        default=FACES_MAX_TRAIN,
+        help="faces: training faces the regressor is fitted on, evenly spaced through the "
+        "split (default %(default)s: plenty for its 2K x 10 weights; 0 = all)",
+    )
     parser.add_argument("--max-val", type=int, default=None, help="faces: cap the val split")
     parser.add_argument("--batch-size", type=int, default=64, help="faces: batch size")
     parser.add_argument(
@@ -236,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
                 val_fraction=_first(args.val_fraction, trained.get("val_fraction"), 0.1),
                 seed=int(_first(args.seed, trained.get("seed"), 0)),
                 crop_seed=args.crop_seed,
-                max_train=args.max_train,
+                max_train=args.max_train or None,
                 max_val=args.max_val,
                 batch_size=args.batch_size,
                 exclude=args.faces_exclude,
