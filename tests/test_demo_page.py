@@ -417,7 +417,7 @@ def test_a_painted_mask_is_carried_to_a_shifted_copy(
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
     size = (256, 192)
     # Strokes across the astronaut's head and shoulders: a filled region about 110 x 80 px.
-    for y in range(40, 121, 8):
+    for y in range(40, 121, 16):
         ActionChains(browser).move_to_element_with_offset(
             canvas, *image_offset(canvas, 80, y, size)
         ).click_and_hold().move_to_element_with_offset(

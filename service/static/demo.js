@@ -789,7 +789,7 @@ function drawPanel(slot) {
   $(`${slot}-empty`).hidden = Boolean(picture);
   if (!picture || !picture.width) {
     canvas.width = 320;
-    canvas.height = 240;
+    canvas.height = 160;
     canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
     return;
   }
