@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install everything (service, training, tests)
 
+# int8 calibrates on each model's training images where ../shared/data has them, else on
+# scikit-image samples (CI); the manifests record which.
+CALIBRATION := $(if $(wildcard $(DATA)/caltech101),--calibration objects=$(DATA)/caltech101) \
+	$(if $(wildcard $(DATA)/mtfl-train),--calibration faces=$(DATA)/mtfl-train)
+
 $(MODELS) &: $(STAMP) $(CHECKPOINTS) model_export/*.py
-	$(PY) -m model_export.export --checkpoints checkpoints --out models
+	$(PY) -m model_export.export --checkpoints checkpoints --out models $(CALIBRATION)
 
 models: $(MODELS)  ## export the committed checkpoints to ONNX under models/
 

@@ -2,10 +2,16 @@
 
     python -m model_export.export --checkpoints checkpoints --out models
     python -m model_export.export --checkpoint checkpoints/objects --out models --version 2
+    python -m model_export.export --checkpoints checkpoints --out models \\
+        --calibration objects=../shared/data/caltech101 \\
+        --calibration faces=../shared/data/mtfl-train
 
 For every checkpoint it writes `models/<name>/<version>/{manifest.json, fp32/*.onnx,
-fp16/*.onnx}` (three graphs: backbone, landmarks, align; docs/CONTRACT.md). The batch axis
-is dynamic; the input resolution is fixed per export and recorded in the manifest.
+fp16/*.onnx, int8/*.onnx}` (three graphs: backbone, landmarks, align; docs/CONTRACT.md).
+The batch axis is dynamic; the input resolution is fixed per export and recorded in the
+manifest. int8 (CPU only) is static QDQ quantization (model_export/quantize.py) calibrated on
+`--calibration` images of the model's training set, or on scikit-image sample images where
+none is given (CI); the manifest's `quantization` entry says which.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from tqdm import tqdm
 
 from model_export.checkpoint import load_metrics, load_model
 from model_export.model import JLAD
+from model_export.quantize import quantize_model
 
 log = logging.getLogger("jlad.export")
 
@@ -41,6 +48,19 @@ GRAPH_NAMES = ("backbone", "landmarks", "align")
 PARITY = {
     "fp32": {"mapping_cells": 1e-3, "probabilities": 1e-4, "features": 1e-4, "consistency": 2e-3},
     "fp16": {"mapping_cells": 0.25, "probabilities": 2e-2, "features": 1e-2, "consistency": 5e-2},
+    # int8 moves every feature a little (cosine similarity to fp32 >= feature_cosine per
+    # cell), so near-tie matches (many in an untrained model) move by whole cells: bound the
+    # median error and the share of cells whose match moves by more than one cell; accuracy
+    # itself is measured on the benchmarks (docs/BENCH.md).
+    "int8": {
+        "feature_cosine": 0.95,
+        "features": 0.15,
+        "mapping_cells_median": 0.05,
+        "mapping_moved_share": 0.2,
+        "points_cells": 0.25,
+        "probabilities": 1e-2,
+        "consistency_median": 0.05,
+    },
 }
 
 OUTPUT_DOC = {
@@ -175,6 +195,7 @@ def build_manifest(
     training: dict[str, Any],
     evaluation: dict[str, Any],
     variants: tuple[str, ...],
+    quantization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     cfg = model.config
     h, w = cfg.input_size
@@ -226,6 +247,7 @@ def build_manifest(
             for variant in variants
         },
         "parity": {v: PARITY[v] for v in variants},
+        **({"quantization": quantization} if quantization else {}),
         "training": training,
         "evaluation": evaluation,
     }
@@ -239,8 +261,14 @@ def export_model(
     training: dict[str, Any] | None = None,
     evaluation: dict[str, Any] | None = None,
     fp16: bool = True,
+    int8: bool = True,
+    calibration: Path | None = None,
+    calibration_images: int | None = None,
 ) -> Path:
-    """Export `model` to `out_dir/<name>/<version>/`; returns that directory."""
+    """Export `model` to `out_dir/<name>/<version>/`; returns that directory.
+
+    `int8`: also write the int8 graphs, calibrated on `calibration_images` images from the
+    folder `calibration` (None: scikit-image sample images; default counts in quantize.py)."""
     model = model.eval()
     root = out_dir / name / version
     specs = graph_specs(model)
@@ -250,15 +278,28 @@ def export_model(
             convert_fp16(root / "fp32" / f"{graph}.onnx", root / "fp16" / f"{graph}.onnx")
         log.info("exported %s/%s %s", name, version, graph)
     variants = ("fp32", "fp16") if fp16 else ("fp32",)
+    quantization = None
+    if int8:
+        quantization = quantize_model(
+            root, model.config.input_size, model.grid_size, calibration, calibration_images
+        )
+        variants = (*variants, "int8")
     manifest = build_manifest(
-        model, name, version, root, training or {}, evaluation or {}, variants
+        model, name, version, root, training or {}, evaluation or {}, variants, quantization
     )
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return root
 
 
 def export_checkpoint(
-    checkpoint: Path, out_dir: Path, name: str | None = None, version: str = "1", fp16: bool = True
+    checkpoint: Path,
+    out_dir: Path,
+    name: str | None = None,
+    version: str = "1",
+    fp16: bool = True,
+    int8: bool = True,
+    calibration: Path | None = None,
+    calibration_images: int | None = None,
 ) -> Path:
     model, config = load_model(checkpoint)
     return export_model(
@@ -269,7 +310,28 @@ def export_checkpoint(
         training=config,
         evaluation=load_metrics(checkpoint),
         fp16=fp16,
+        int8=int8,
+        calibration=calibration,
+        calibration_images=calibration_images,
     )
+
+
+def calibration_folders(values: list[str], names: list[str]) -> dict[str, Path | None]:
+    """`--calibration` values (`PATH` for a single checkpoint, or `NAME=PATH`) -> folder per
+    model name; names without one calibrate on scikit-image samples (None)."""
+    out: dict[str, Path | None] = dict.fromkeys(names)
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            if len(names) != 1:
+                raise ValueError(f"--calibration {value}: say which model it is for (NAME=PATH)")
+            name, path = names[0], value
+        if name not in out:
+            raise ValueError(f"--calibration {value}: no checkpoint named {name}")
+        if not Path(path).is_dir():
+            raise ValueError(f"--calibration {value}: {path} is not a folder")
+        out[name] = Path(path)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -285,6 +347,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help="model name (default: the checkpoint folder's name)")
     parser.add_argument("--version", default="1")
     parser.add_argument("--no-fp16", action="store_true", help="skip the fp16 variant")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 variant")
+    parser.add_argument(
+        "--calibration",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="int8 calibration images (a folder of the model's training set, searched "
+        "recursively); NAME= picks the model with --checkpoints; repeatable. Without it a "
+        "model calibrates on scikit-image sample images (said in its manifest)",
+    )
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        help="images to calibrate int8 on (default: 256 from a folder, 32 samples)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(min(torch.get_num_threads(), 2))
@@ -295,13 +372,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not checkpoints:
         parser.error(f"no checkpoints (*/config.json) under {args.checkpoints}")
-    for ckpt in tqdm(checkpoints, desc="checkpoints", unit="model"):
+    names = [(args.name if args.checkpoint and args.name else ckpt.name) for ckpt in checkpoints]
+    try:
+        folders = calibration_folders(args.calibration, names)
+    except ValueError as exc:
+        parser.error(str(exc))
+    for ckpt, name in tqdm(list(zip(checkpoints, names, strict=True)), desc="checkpoints"):
         root = export_checkpoint(
             ckpt,
             args.out,
-            args.name if args.checkpoint else None,
+            name,
             args.version,
             fp16=not args.no_fp16,
+            int8=not args.no_int8,
+            calibration=folders[name],
+            calibration_images=args.calibration_images,
         )
         log.info("wrote %s", root)
 

@@ -253,6 +253,14 @@ class InferenceEngine:
         max_chunk: int = 8,
     ) -> InferenceEngine:
         provider_list = resolve_providers(providers, ort.get_available_providers())
+        if precision == "int8" and provider_list[:1] != [CPU]:
+            if providers.strip().lower() != "auto":
+                raise ProviderError(
+                    f"JLAD_PRECISION=int8 is for CPUs (quantized QDQ graphs), but "
+                    f"JLAD_PROVIDERS={providers} asks for {provider_list[0]}; serve fp16 on "
+                    "GPUs or set JLAD_PROVIDERS=cpu"
+                )
+            provider_list = [CPU]
         sessions = {}
         for name, info in infos.items():
             started = time.monotonic()

@@ -56,7 +56,11 @@ class Settings(BaseSettings):
     allow_cpu_fallback: bool = Field(
         default=False, description="Serve on CPU when CUDA was asked for but fails to load."
     )
-    precision: Literal["fp32", "fp16"] = Field(default="fp32", description="Graph variant to load.")
+    precision: Literal["fp32", "fp16", "int8"] = Field(
+        default="fp32",
+        description="Graph variant to load: fp32; fp16 (GPUs); int8 (CPU only, static "
+        "quantization; `auto` providers then mean CPU).",
+    )
     intra_op_threads: int = Field(
         default=0, ge=0, description="ONNX Runtime intra-op threads per session (0 = its default)."
     )

@@ -35,7 +35,8 @@ def exported(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[JLAD, Path]:
     model = _model(int(request.param))
-    root = export_model(model, tmp_path_factory.mktemp("repo"), "test", "1")
+    # int8 calibrated on scikit-image samples (no calibration folder: the CI path)
+    root = export_model(model, tmp_path_factory.mktemp("repo"), "test", "1", calibration_images=24)
     return model, root
 
 
@@ -55,6 +56,7 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def _run_all(root: Path, variant: str, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of the three graphs of `variant` (int8 graphs take float32)."""
     dtype = np.float16 if variant == "fp16" else np.float32
     backbone = _session(root / variant / "backbone.onnx")
     landmarks = _session(root / variant / "landmarks.onnx")
@@ -133,6 +135,58 @@ def test_fp16_parity(exported: tuple[JLAD, Path], batch: int) -> None:
     assert np.percentile(consistency, 99) <= tol["consistency"] * 10
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_int8_parity(exported: tuple[JLAD, Path], batch: int) -> None:
+    """int8 (QDQ) against PyTorch fp32, on real images the calibration never saw: features
+    keep their direction; mapping and consistency stay close in median, and few matches
+    move by more than a cell (quantization flips near-ties); landmarks stay put."""
+    model, root = exported
+    size = model.config.input_size[0]
+    images = _images(batch, size, real=True)
+    ours, ref = _run_all(root, "int8", images.numpy()), _run_torch(model, images)
+    tol = PARITY["int8"]
+    gh, gw = model.grid_size
+    cells = np.array([gw / 2, gh / 2], np.float32).reshape(1, 2, 1, 1)
+    assert ours["mapping"].shape == (batch, 2, gh, gw)
+    cosine = (ours["features"] * ref["features"]).sum(axis=1)
+    assert cosine.min() >= tol["feature_cosine"]
+    assert np.abs(ours["features"] - ref["features"]).max() <= tol["features"]
+    err = np.abs((ours["mapping"] - ref["mapping"]) * cells).max(axis=1)
+    assert np.median(err) <= tol["mapping_cells_median"]
+    assert (err > 1).mean() <= tol["mapping_moved_share"]
+    points_cells = np.abs(ours["points"] - ref["points"]) * cells.reshape(1, 1, 2)
+    assert points_cells.max() <= tol["points_cells"]
+    assert np.abs(ours["heatmaps"] - ref["heatmaps"]).max() <= tol["probabilities"]
+    np.testing.assert_allclose(ours["heatmaps"].sum(axis=(2, 3)), 1.0, atol=1e-4)
+    consistency = np.abs(ours["confidence"] - ref["confidence"])
+    assert np.median(consistency) <= tol["consistency_median"]
+
+
+def test_int8_graphs_are_quantized_where_it_pays(exported: tuple[JLAD, Path]) -> None:
+    """Every convolution runs in int8 (QDQ around it, weights stored as int8), while the
+    similarity, Softmax and GridSample operators stay float32."""
+    import onnx
+
+    _, root = exported
+    for graph in ("backbone", "landmarks", "align"):
+        fp32 = onnx.load(str(root / "fp32" / f"{graph}.onnx"))
+        int8 = onnx.load(str(root / "int8" / f"{graph}.onnx"))
+        made_by = {o: n for n in int8.graph.node for o in n.output}
+        convs = [n for n in int8.graph.node if n.op_type == "Conv"]
+        assert len(convs) == sum(n.op_type == "Conv" for n in fp32.graph.node)
+        for conv in convs:
+            assert made_by[conv.input[0]].op_type == "DequantizeLinear", (graph, conv.name)
+            assert made_by[conv.input[1]].op_type == "DequantizeLinear", (graph, conv.name)
+        for node in int8.graph.node:
+            if node.op_type in ("Softmax", "GridSample", "Einsum", "MatMul", "ReduceSum"):
+                assert made_by.get(node.input[0], node).op_type != "DequantizeLinear", (
+                    graph,
+                    node.name,
+                )
+        int8_weights = [i for i in int8.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+        assert len(int8_weights) >= len(convs)
+
+
 def test_manifest_describes_the_files(exported: tuple[JLAD, Path]) -> None:
     model, root = exported
     manifest = json.loads((root / "manifest.json").read_text())
@@ -140,7 +194,13 @@ def test_manifest_describes_the_files(exported: tuple[JLAD, Path]) -> None:
     assert manifest["input"]["height"] == model.config.input_size[0]
     assert manifest["features"]["height"] == model.grid_size[0]
     assert manifest["num_landmarks"] == 5
-    for variant in ("fp32", "fp16"):
+    assert manifest["parity"]["int8"] == PARITY["int8"]
+    calibration = manifest["quantization"]["calibration"]
+    assert calibration["source"] == "scikit-image sample images"
+    assert calibration["path"] is None
+    assert calibration["images"] == 24
+    assert manifest["quantization"]["agreement_with_fp32"]["images"] == 8
+    for variant in ("fp32", "fp16", "int8"):
         for graph in ("backbone", "landmarks", "align"):
             entry = manifest["variants"][variant][graph]
             assert entry["sha256"] == sha256(root / entry["path"])

@@ -157,6 +157,35 @@ def test_fp16_variant_agrees_with_fp32(model_dir: Path, engine: InferenceEngine)
     assert np.median(error_cells) < tolerance
 
 
+def test_int8_variant_agrees_with_fp32(model_dir: Path, engine: InferenceEngine) -> None:
+    """JLAD_PRECISION=int8 serves the quantized graphs (float32 in and out) within the
+    manifest's stated tolerances of fp32, on real faces (the CI export calibrates on
+    scikit-image samples)."""
+    infos = find_models(model_dir, ["faces"])
+    int8 = InferenceEngine.load(
+        infos, precision="int8", providers="auto", allow_cpu_fallback=False, intra_op_threads=1
+    )
+    assert int8.describe()[0]["precision"] == "int8"
+    assert int8.describe()[0]["provider"] == CPU
+    images = model_inputs(infos["faces"])
+    job = InferenceJob("faces", images[[0, 1]], landmarks=[0, 1], pairs=[(0, 1)])
+    full, quant = engine.run_batch([job])[0], int8.run_batch([job])[0]
+    tol = infos["faces"].manifest["parity"]["int8"]
+    _h, w = infos["faces"].grid_size
+    error_cells = np.abs(full.alignments[0].mapping - quant.alignments[0].mapping) * w / 2
+    assert quant.alignments[0].mapping.dtype == np.float32
+    assert np.median(error_cells) <= tol["mapping_cells_median"] * 10
+    assert (error_cells.max(axis=0) > 1).mean() <= tol["mapping_moved_share"]
+    for a, b in zip(full.landmarks, quant.landmarks, strict=True):
+        assert np.abs(a.points - b.points).max() * w / 2 <= 2.0  # cells
+
+
+def test_int8_on_an_explicit_gpu_provider_is_refused(model_dir: Path) -> None:
+    infos = find_models(model_dir, ["faces"])
+    with pytest.raises(ProviderError, match="int8 is for CPUs"):
+        InferenceEngine.load(infos, precision="int8", providers="cuda", allow_cpu_fallback=True)
+
+
 @NO_CUDA_WARNING
 def test_readiness_fails_when_the_requested_provider_does_not_load(
     model_dir: Path,

@@ -1,0 +1,397 @@
+"""int8 copies of exported graphs: static QDQ quantization with ONNX Runtime, calibrated on
+real images.
+
+    python -m model_export.quantize --model-root models/objects/1 \\
+        --calibration ../shared/data/caltech101 --images 256
+
+(`python -m model_export.export ... --calibration NAME=PATH` calls this for every model it
+exports.) For each of the three graphs of `<model-root>/fp32/` it writes
+`<model-root>/int8/<graph>.onnx`:
+
+- activations uint8 (asymmetric, per tensor, ranges from min/max over the calibration set)
+  and weights int8 (symmetric, per output channel): U8S8, which ONNX Runtime's x86 kernels
+  run as integer convolutions (see `ACTIVATION_TYPE`);
+- only the operator types in `QUANTIZED_OPS` (convolutions and fully connected layers: the
+  conv trunk and the heads' convolutions, where int8 arithmetic pays) get int8, with the
+  activations and residual sums between them (`FOLLOWER_OPS`, `int8_nodes`) and the
+  explicit zero padding in front of convolutions folded in (`fold_pads_into_convs`); every
+  other operator stays float32, in particular the cosine similarities (Einsum / MatMul / ReduceSum
+  of products), Softmax and soft-argmax, GridSample (forward-backward consistency), Resize
+  and the L2 normalisations, which lose accuracy on 256 levels and cost little;
+- nothing in this module names a node: it works on any graph that follows docs/CONTRACT.md.
+
+Calibration feeds are made by running the fp32 graphs: the backbone on the images, the
+landmark head on their features, the alignment head on pairs of consecutive images (same
+class, mostly, for a class-sorted folder). Without a calibration folder (CI, a fresh clone
+without ../shared/data) `sample_images` makes the images from scikit-image's sample data;
+the manifest says which was used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from numpy.typing import NDArray
+from onnx import numpy_helper
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from tqdm import tqdm
+
+from model_export.data import IMAGE_EXTENSIONS, image_to_tensor, read_rgb
+
+log = logging.getLogger("jlad.quantize")
+
+GRAPH_NAMES = ("backbone", "landmarks", "align")
+FOLDER_IMAGES = 256
+SAMPLE_IMAGES = 32
+# Operator types that get int8 arithmetic; everything else stays float (module docstring).
+QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm")
+# ... and these, only where they sit between int8 operators (a convolution's activation, a
+# residual sum of two conv paths), so that conv follows conv without a float round trip.
+FOLLOWER_OPS = ("Relu", "Clip", "Add")
+# Stated in the manifest: the float operators that matter for accuracy.
+FLOAT_OPS_NOTE = (
+    "every operator type other than "
+    + ", ".join(QUANTIZED_OPS)
+    + " stays float32: similarities (Einsum, MatMul, Mul+ReduceSum), Softmax / soft-argmax, "
+    "GridSample, Resize, L2 normalisation (ReduceL2, Div), element-wise ops"
+)
+F32 = NDArray[np.float32]
+# uint8 activations with int8 weights (U8S8): the combination MLAS runs on its VNNI /
+# AVX2 integer kernels. With int8 activations (S8S8) ONNX Runtime 1.32 left 18 of the 48
+# backbone convolutions and every residual Add in float on this machine (2.5x slower).
+ACTIVATION_TYPE = QuantType.QUInt8
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """The calibration images (N, 3, H, W) float32 in [0, 1] and where they came from."""
+
+    images: F32
+    source: str
+    path: str | None
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "path": self.path, "images": len(self.images)}
+
+
+def folder_images(folder: Path, size: tuple[int, int], count: int) -> F32:
+    """`count` images spread evenly over the sorted image files anywhere under `folder`,
+    resized to `size` (H, W) like the evaluation does. Deterministic: same folder, same set."""
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise FileNotFoundError(f"no images under {folder}")
+    picks = np.unique(np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int))
+    out = [
+        image_to_tensor(read_rgb(files[i]), size).numpy()
+        for i in tqdm(picks, desc=f"calibration images {folder.name}", unit="img", leave=False)
+    ]
+    return np.stack(out).astype(np.float32)
+
+
+def sample_images(size: tuple[int, int], count: int, seed: int = 0) -> F32:
+    """`count` images the project can make without any data set: random crops (scale 0.3-1,
+    random flips) of scikit-image's natural sample pictures and its `lfw_subset` faces.
+    For CI and fresh clones; calibrating on the model's own training images is better."""
+    from skimage import data as skdata
+
+    rgb: list[NDArray[np.uint8]] = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "camera"):
+        pic = np.asarray(getattr(skdata, name)())
+        rgb.append(np.repeat(pic[..., None], 3, axis=2) if pic.ndim == 2 else pic[..., :3])
+    rgb.extend(np.asarray(p)[..., :3] for p in skdata.stereo_motorcycle()[:2])
+    faces = (np.asarray(skdata.lfw_subset()) * 255).clip(0, 255).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        if i % 3 == 2:  # one in three: a face (grey, 25x25, upscaled by image_to_tensor)
+            face = faces[rng.integers(len(faces))]
+            out.append(image_to_tensor(np.repeat(face[..., None], 3, axis=2), size).numpy())
+            continue
+        pic = rgb[rng.integers(len(rgb))]
+        h, w = pic.shape[:2]
+        scale = rng.uniform(0.3, 1.0)
+        ch, cw = max(8, int(h * scale)), max(8, int(w * scale))
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = pic[y : y + ch, x : x + cw]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out.append(image_to_tensor(np.ascontiguousarray(crop), size).numpy())
+    return np.stack(out).astype(np.float32)
+
+
+def calibration_set(path: Path | None, size: tuple[int, int], count: int) -> CalibrationSet:
+    """Images from `path` (a training-set folder), or scikit-image samples when `path` is
+    None."""
+    if path is None:
+        return CalibrationSet(sample_images(size, count), "scikit-image sample images", None)
+    return CalibrationSet(folder_images(path, size, count), "folder", str(path))
+
+
+class FeedReader(CalibrationDataReader):
+    """ONNX Runtime's calibration reader over a list of ready feeds."""
+
+    def __init__(self, feeds: Sequence[dict[str, F32]]) -> None:
+        self._feeds = list(feeds)
+        self._iter: Iterator[dict[str, F32]] = iter(self._feeds)
+
+    def get_next(self) -> dict[str, F32] | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = iter(self._feeds)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def calibration_feeds(
+    fp32_dir: Path, images: F32, batch: int = 8
+) -> dict[str, list[dict[str, F32]]]:
+    """Feeds of each graph: the images for the backbone, their fp32 features for the
+    landmark head, (image i, image i+1) feature pairs for the alignment head."""
+    backbone = _session(fp32_dir / "backbone.onnx")
+    chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
+    features = [
+        backbone.run(None, {"image": c})[0]
+        for c in tqdm(chunks, desc="calibration features", unit="batch", leave=False)
+    ]
+    every = np.concatenate(features)
+    following = np.roll(every, -1, axis=0)
+    # the alignment head is the dearest per item: calibrate it on half the batches
+    pair_batch = max(1, batch // 2)
+    return {
+        "backbone": [{"image": c} for c in chunks],
+        "landmarks": [{"features": f} for f in features],
+        "align": [
+            {
+                "source_features": every[i : i + pair_batch],
+                "target_features": following[i : i + pair_batch],
+            }
+            for i in range(0, len(every), pair_batch * 2)
+        ],
+    }
+
+
+def fold_pads_into_convs(model: onnx.ModelProto) -> int:
+    """Fold every zero-valued constant `Pad` whose only reader is a `Conv` into that Conv's
+    `pads` attribute (the exported EfficientNet trunk pads explicitly before each conv).
+    A standalone Pad splits every QDQ chain in two (dequantize, pad in float, quantize
+    again); folded, conv follows conv in int8. Returns how many were folded."""
+    inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    folded = []
+    for pad in [n for n in model.graph.node if n.op_type == "Pad"]:
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        after = readers.get(pad.output[0], [])
+        if mode != b"constant" or len(after) != 1 or pad.output[0] in outputs:
+            continue
+        conv = after[0]
+        if conv.op_type != "Conv" or conv.input[0] != pad.output[0] or pad.input[1] not in inits:
+            continue
+        if len(pad.input) > 2 and pad.input[2]:
+            value = inits.get(pad.input[2])
+            if value is None or np.any(numpy_helper.to_array(value) != 0):
+                continue
+        if len(pad.input) > 3 and pad.input[3]:  # explicit axes: leave it
+            continue
+        amounts = numpy_helper.to_array(inits[pad.input[1]]).astype(int).tolist()
+        rank = len(amounts) // 2
+        begin, end = amounts[:rank], amounts[rank:]
+        if rank < 3 or any(begin[:2]) or any(end[:2]) or min(amounts) < 0:
+            continue
+        attrs = {a.name: a for a in conv.attribute}
+        if "auto_pad" in attrs and attrs["auto_pad"].s not in (b"", b"NOTSET"):
+            continue
+        old = list(attrs["pads"].ints) if "pads" in attrs else [0] * (2 * (rank - 2))
+        spatial = rank - 2
+        new = [old[i] + begin[2 + i] for i in range(spatial)] + [
+            old[spatial + i] + end[2 + i] for i in range(spatial)
+        ]
+        if "pads" in attrs:
+            conv.attribute.remove(attrs["pads"])
+        conv.attribute.append(onnx.helper.make_attribute("pads", new))
+        conv.input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        model.graph.node.remove(pad)
+    return len(folded)
+
+
+def int8_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes that get int8: every `QUANTIZED_OPS` node, and every
+    `FOLLOWER_OPS` node all of whose computed inputs come from nodes already chosen
+    (graph order is topological). Names missing nodes are given one."""
+    inits = {i.name for i in model.graph.initializer}
+    chosen: set[str] = set()
+    made_by_chosen: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+        computed = [i for i in node.input if i and i not in inits]
+        if node.op_type in QUANTIZED_OPS or (
+            node.op_type in FOLLOWER_OPS and computed and all(i in made_by_chosen for i in computed)
+        ):
+            chosen.add(node.name)
+            made_by_chosen.update(node.output)
+    return chosen
+
+
+def quantize_graph(src: Path, dst: Path, feeds: Sequence[dict[str, F32]]) -> dict[str, Any]:
+    """Write the int8 QDQ copy of graph `src` to `dst`; returns what was quantized."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="jlad-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # shape inference + ORT's float optimisations first (folds constants, fuses
+        # Conv+BN), as onnxruntime.quantization recommends
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        proto = onnx.load(str(prepared))
+        pads_folded = fold_pads_into_convs(proto)
+        nodes = int8_nodes(proto)
+        onnx.save(proto, str(prepared))
+        op_types = sorted({n.op_type for n in proto.graph.node})
+        quantized = sorted({n.op_type for n in proto.graph.node if n.name in nodes})
+        quantize_static(
+            str(prepared),
+            str(dst),
+            FeedReader(feeds),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=quantized,
+            nodes_to_quantize=sorted(nodes),
+            per_channel=True,
+            activation_type=ACTIVATION_TYPE,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            calibration_providers=["CPUExecutionProvider"],
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+    model = onnx.load(str(dst))
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return {
+        "quantized_op_types": quantized,
+        "quantized_nodes": len(nodes),
+        "float_op_types": [op for op in op_types if op not in quantized],
+        "quantize_linear_nodes": counts.get("QuantizeLinear", 0),
+        "pads_folded_into_convs": pads_folded,
+    }
+
+
+def agreement(
+    fp32_dir: Path, int8_dir: Path, images: F32, grid: tuple[int, int]
+) -> dict[str, float]:
+    """How far the int8 graphs are from the fp32 ones on `images` (held out from
+    calibration): landmark points and mapping in feature cells (max and p99), heat-map
+    probabilities and feature cosine similarity."""
+    out: dict[str, dict[str, Any]] = {}
+    for variant, folder in (("fp32", fp32_dir), ("int8", int8_dir)):
+        sessions = {g: _session(folder / f"{g}.onnx") for g in GRAPH_NAMES}
+        (feats,) = sessions["backbone"].run(None, {"image": images})
+        heat, points, _ = sessions["landmarks"].run(None, {"features": feats})
+        mapping, _, conf = sessions["align"].run(
+            None, {"source_features": feats, "target_features": np.roll(feats, -1, axis=0)}
+        )
+        out[variant] = {"f": feats, "h": heat, "p": points, "m": mapping, "c": conf}
+    gh, gw = grid
+    cells = np.array([gw / 2, gh / 2], np.float32)
+    a, b = out["fp32"], out["int8"]
+    points = np.abs(a["p"] - b["p"]) * cells
+    mapping = np.abs(a["m"] - b["m"]) * cells.reshape(1, 2, 1, 1)
+    cosine = (a["f"] * b["f"]).sum(axis=1)
+    return {
+        "images": len(images),
+        "points_cells_max": float(points.max()),
+        "points_cells_p99": float(np.percentile(points, 99)),
+        "mapping_cells_median": float(np.median(mapping)),
+        "mapping_cells_p99": float(np.percentile(mapping, 99)),
+        "heatmaps_max_abs": float(np.abs(a["h"] - b["h"]).max()),
+        "consistency_median_abs": float(np.median(np.abs(a["c"] - b["c"]))),
+        "feature_cosine_min": float(cosine.min()),
+        "feature_cosine_mean": float(cosine.mean()),
+    }
+
+
+def quantize_model(
+    model_root: Path,
+    input_size: tuple[int, int],
+    grid_size: tuple[int, int],
+    calibration: Path | None = None,
+    images: int | None = None,
+    held_out: int = 8,
+) -> dict[str, Any]:
+    """Write `<model_root>/int8/*.onnx` from `<model_root>/fp32/*.onnx`; returns the
+    manifest's `quantization` entry (calibration set, what stayed float, and the int8
+    graphs' agreement with fp32 on `held_out` images that were not calibrated on).
+
+    `images`: how many to calibrate on; default `FOLDER_IMAGES` from a folder, and
+    `SAMPLE_IMAGES` without one (CI: a few crops cover the sample pictures' variety)."""
+    started = time.monotonic()
+    if images is None:
+        images = FOLDER_IMAGES if calibration is not None else SAMPLE_IMAGES
+    cal = calibration_set(calibration, input_size, images + held_out)
+    calibrate, check = cal.images[:-held_out], cal.images[-held_out:]
+    fp32_dir, int8_dir = model_root / "fp32", model_root / "int8"
+    feeds = calibration_feeds(fp32_dir, calibrate)
+    graphs = {}
+    for graph in tqdm(GRAPH_NAMES, desc="quantize", unit="graph", leave=False):
+        graphs[graph] = quantize_graph(
+            fp32_dir / f"{graph}.onnx", int8_dir / f"{graph}.onnx", feeds[graph]
+        )
+        log.info("quantized %s/%s: %s", model_root, graph, graphs[graph])
+    return {
+        "format": "QDQ (onnxruntime.quantization.quantize_static)",
+        "activations": "uint8, asymmetric, per tensor, MinMax calibration",
+        "weights": "int8, symmetric, per output channel",
+        "calibration": {**cal.describe(), "images": len(calibrate)},
+        "float_ops": FLOAT_OPS_NOTE,
+        "graphs": graphs,
+        "agreement_with_fp32": agreement(fp32_dir, int8_dir, check, grid_size),
+        "seconds": round(time.monotonic() - started, 1),
+        "providers": "CPU only (int8 QDQ kernels); fp16 is the GPU variant",
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    import json
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-root", type=Path, required=True, help="models/<name>/<version>")
+    parser.add_argument("--calibration", type=Path, help="training images (default: samples)")
+    parser.add_argument("--images", type=int, help="images to calibrate on (default 256 / 32)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    manifest = json.loads((args.model_root / "manifest.json").read_text())
+    size = (int(manifest["input"]["height"]), int(manifest["input"]["width"]))
+    grid = (int(manifest["features"]["height"]), int(manifest["features"]["width"]))
+    report = quantize_model(args.model_root, size, grid, args.calibration, args.images)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
