@@ -34,6 +34,7 @@ from service.jobs import (
 )
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, RootPathMiddleware
+from service.openapi import install_openapi
 from service.problems import Problem, ProblemKind, problem_response
 from service.routes import api, public
 from service.runtime import InferenceEngine, ModelLoadError, find_models
@@ -146,7 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     app.add_middleware(RootPathMiddleware, root_path=settings.root_path)
-    add_problem_schema(app)
+    install_openapi(app, settings)
     return app
 
 
@@ -226,23 +227,6 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(InferenceFailed)
     async def on_inference_failed(request: Request, exc: Exception) -> JSONResponse:
         return _problem(request, problems.INTERNAL_ERROR, f"inference failed: {exc}")
-
-
-def add_problem_schema(app: FastAPI) -> None:
-    """Put the Problem schema into the OpenAPI components the routes' responses refer to."""
-    from service.schemas import Problem as ProblemSchema
-
-    original = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = original()
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components["Problem"] = ProblemSchema.model_json_schema()
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def uvicorn_config(settings: Settings, app: FastAPI | None = None) -> uvicorn.Config:

@@ -8,7 +8,6 @@ fields win). Answers are JSON by default, PNG when asked with `Accept: image/png
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,6 +29,7 @@ from service.problems import (
     Problem,
 )
 from service.runtime import ModelInfo
+from service.schemas import decode_form_fields
 from service.state import ServiceState
 
 RGB8 = NDArray[np.uint8]
@@ -215,14 +215,8 @@ async def _parse_multipart_body(
             f"missing file field(s): {', '.join(missing)}",
             extra={"errors": [{"loc": [m], "msg": "field required"} for m in missing]},
         )
-    if isinstance(options.get("points"), str):
-        try:
-            options["points"] = json.loads(options["points"])
-        except ValueError:
-            raise Problem(
-                VALIDATION_ERROR, "field 'points' must be a JSON list of [x, y] pairs"
-            ) from None
-    return ParsedBody(options, found, found_lists)
+    # Numbers, booleans and `points` come as JSON text, as the OpenAPI document says.
+    return ParsedBody(decode_form_fields(json_model, options), found, found_lists)
 
 
 def merge_options(

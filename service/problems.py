@@ -161,15 +161,124 @@ def kind_for_status(status: int) -> ProblemKind:
     return ProblemKind(phrase.lower().replace(" ", "-"), status, phrase)
 
 
-def problem_openapi_responses(*kinds: ProblemKind) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` entries documenting the problems a route can answer."""
+# What each kind's example in the OpenAPI document says (detail and extension members).
+_EXAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
+    "bad-request": ("the body is not valid JSON", {}),
+    "unauthorized": (
+        "a valid API key is required: send it as X-API-Key or Authorization: Bearer",
+        {},
+    ),
+    "unknown-model": (
+        "model 'zebra' is not served; served models: faces, objects (GET /models)",
+        {"model": "zebra", "available": ["faces", "objects"]},
+    ),
+    "not-acceptable": (
+        "cannot answer with 'text/csv'; this endpoint produces application/json, "
+        "application/x-npz, image/png",
+        {"available": ["application/json", "application/x-npz", "image/png"]},
+    ),
+    "upload-too-large": (
+        "the request body exceeds 33554432 bytes (JLAD_MAX_UPLOAD_BYTES); send smaller or "
+        "fewer images",
+        {"max_bytes": 33554432},
+    ),
+    "image-too-large": (
+        "image is 9000x9000 = 81000000 pixels; the limit is 40000000",
+        {"width": 9000, "height": 9000, "max_pixels": 40000000},
+    ),
+    "unsupported-media-type": (
+        "request body type 'text/plain' is not accepted; send multipart/form-data with image "
+        "files or application/json with base64 images",
+        {},
+    ),
+    "unsupported-image": (
+        "image is not an image format the service can read (PNG, JPEG, WebP, TIFF, BMP, GIF)",
+        {},
+    ),
+    "validation-error": (
+        "view: Input should be 'landmarks' or 'heatmaps'",
+        {
+            "errors": [
+                {
+                    "loc": ["view"],
+                    "msg": "Input should be 'landmarks' or 'heatmaps'",
+                    "type": "literal_error",
+                }
+            ]
+        },
+    ),
+    "corrupt-image": ("image starts like a PNG file but its header is damaged", {}),
+    "image-too-small": ("image is 4x300; each side must be at least 8 pixels", {}),
+    "invalid-mask": ("mask is 300x200 but the source is 451x300; they must match", {}),
+    "too-many-points": (
+        "2000 query points; at most 1024 (JLAD_MAX_QUERY_POINTS) per request",
+        {},
+    ),
+    "points-out-of-bounds": (
+        "points [1] lie outside the 113x75 source image (x in [-0.5, 112.5], y in [-0.5, 74.5])",
+        {"indices": [1]},
+    ),
+    "queue-full": (
+        "the inference queue is full (64 jobs already waiting); retry in 1 s",
+        {"retry_after_s": 1},
+    ),
+    "internal-error": ("inference failed: the model raised while running the batch", {}),
+    "not-ready": ("models are still loading and warming up", {}),
+    "deadline-exceeded": (
+        "the deadline passed before the job was queued; allow more time with the "
+        "X-Deadline-Ms header or retry later",
+        {},
+    ),
+}
+
+_SECONDS = {"type": "string", "pattern": "^[0-9]+$"}
+# Response headers that come with a status: (name, schema, description, always sent).
+_HEADERS: dict[int, tuple[str, dict[str, Any], str, bool]] = {
+    401: (
+        "WWW-Authenticate",
+        {"type": "string"},
+        "The scheme to authenticate with (Bearer; X-API-Key works too).",
+        True,
+    ),
+    429: ("Retry-After", _SECONDS, "Seconds to wait before retrying.", True),
+    503: ("Retry-After", _SECONDS, "Seconds to wait before retrying (when known).", False),
+}
+
+
+def problem_example(kind: ProblemKind, instance: str | None = None) -> dict[str, Any]:
+    """An example problem document of `kind` (as the service would answer it)."""
+    detail, extra = _EXAMPLES.get(kind.slug, (kind.title, {}))
+    body = problem_body(kind, detail, instance, **extra)
+    body["request_id"] = "5f0c2a9e8b7d4c1e9a3b6d2f7e8c1a40"
+    return body
+
+
+def problem_openapi_responses(
+    *kinds: ProblemKind, instance: str | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries documenting the problems a route can answer: one
+    response per status, an example per kind, the headers that come with the status."""
     by_status: dict[int, list[ProblemKind]] = {}
     for kind in kinds:
         by_status.setdefault(kind.status, []).append(kind)
-    return {
-        status: {
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status, group in sorted(by_status.items()):
+        response: dict[str, Any] = {
             "description": "; ".join(f"{k.slug}: {k.title}" for k in group),
-            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+            "content": {
+                PROBLEM_MEDIA_TYPE: {
+                    "schema": {"$ref": "#/components/schemas/Problem"},
+                    "examples": {
+                        k.slug: {"summary": k.title, "value": problem_example(k, instance)}
+                        for k in group
+                    },
+                }
+            },
         }
-        for status, group in sorted(by_status.items())
-    }
+        if status in _HEADERS:
+            name, schema, description, always = _HEADERS[status]
+            response["headers"] = {
+                name: {"description": description, "required": always, "schema": schema}
+            }
+        responses[status] = response
+    return responses

@@ -16,7 +16,6 @@ from typing import Annotated, Any
 import anyio
 import numpy as np
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
-from fastapi.security import APIKeyHeader
 from numpy.typing import NDArray
 
 from service import fields, rendering
@@ -54,9 +53,11 @@ from service.problems import (
     DEADLINE_EXCEEDED,
     IMAGE_TOO_LARGE,
     IMAGE_TOO_SMALL,
+    INTERNAL_ERROR,
     INVALID_MASK,
     NOT_ACCEPTABLE,
     NOT_READY,
+    POINTS_OUT_OF_BOUNDS,
     QUEUE_FULL,
     TOO_MANY_POINTS,
     UNAUTHORIZED,
@@ -66,6 +67,7 @@ from service.problems import (
     UPLOAD_TOO_LARGE,
     VALIDATION_ERROR,
     Problem,
+    ProblemKind,
     problem_openapi_responses,
 )
 from service.runtime import ModelInfo
@@ -84,6 +86,7 @@ from service.schemas import (
     LandmarksView,
     Match,
     ModelDescription,
+    ModelName,
     ModelsResponse,
     PropagatedMask,
     PropagateJSON,
@@ -97,17 +100,16 @@ from service.state import ServiceState, get_state
 
 # -- cross-cutting dependencies ----------------------------------------------------------
 
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
 
+async def require_api_key(request: Request) -> None:
+    """401 unless a configured key comes as X-API-Key or `Authorization: Bearer <key>`.
 
-async def require_api_key(
-    request: Request, x_api_key: Annotated[str | None, Depends(_api_key_header)]
-) -> None:
-    """401 unless a configured key comes as X-API-Key or `Authorization: Bearer <key>`."""
+    The header is read here rather than declared, so that the OpenAPI document names a
+    security scheme only when keys are configured (service.openapi)."""
     keys = get_state(request).settings.api_keys
     if not keys:
         return
-    given = x_api_key
+    given = request.headers.get("x-api-key")
     auth = request.headers.get("authorization", "")
     if given is None and auth.lower().startswith("bearer "):
         given = auth[7:].strip()
@@ -171,13 +173,10 @@ async def run_job(state: ServiceState, job: InferenceJob) -> tuple[InferenceResu
 public = APIRouter(tags=["operations"])
 api = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 
-_OUTPUT_CONTENT = {
-    "image/png": {"schema": {"type": "string", "format": "binary"}},
-    "application/x-npz": {"schema": {"type": "string", "format": "binary"}},
-}
-_INPUT_PROBLEMS = problem_openapi_responses(
+# The 401 (UNAUTHORIZED) of the `api` routes is documented only when keys are configured
+# (service.openapi).
+_INPUT_PROBLEMS = (
     BAD_REQUEST,
-    UNAUTHORIZED,
     UNKNOWN_MODEL,
     NOT_ACCEPTABLE,
     UPLOAD_TOO_LARGE,
@@ -188,18 +187,44 @@ _INPUT_PROBLEMS = problem_openapi_responses(
     CORRUPT_IMAGE,
     IMAGE_TOO_SMALL,
     QUEUE_FULL,
+    INTERNAL_ERROR,
     NOT_READY,
     DEADLINE_EXCEEDED,
 )
 
 
-@public.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")
+def _answers(what: str, path: str, *problems: ProblemKind) -> dict[int | str, dict[str, Any]]:
+    """`responses` of an inference route: `what` as JSON (the response model), PNG or .npz,
+    and its problems."""
+    return {
+        200: {
+            "description": f"{what}: JSON by default; a PNG rendering with Accept: image/png or "
+            "a `view`; lossless arrays with Accept: application/x-npz",
+            "content": {
+                PNG: {"schema": {"type": "string", "format": "binary"}},
+                NPZ: {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        **problem_openapi_responses(*_INPUT_PROBLEMS, *problems, instance=path),
+    }
+
+
+IMAGE_PART = "Image file (PNG, JPEG, WebP, TIFF, BMP, GIF)"
+
+
+@public.get(
+    "/healthz",
+    response_model=HealthResponse,
+    summary="Liveness: the process answers",
+    operation_id="healthz",
+)
 async def healthz() -> HealthResponse:
     return HealthResponse(status="ok")
 
 
 @public.get(
     "/readyz",
+    operation_id="readyz",
     response_model=ReadyResponse,
     summary="Readiness: models loaded and warmed up, dispatcher accepting",
     responses=problem_openapi_responses(NOT_READY),
@@ -216,7 +241,13 @@ async def readyz(state: State) -> ReadyResponse:
     )
 
 
-@public.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@public.get(
+    "/metrics",
+    operation_id="metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics(state: State) -> Response:
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
@@ -238,7 +269,12 @@ def describe_model(state: ServiceState, info: ModelInfo) -> ModelDescription:
     )
 
 
-@api.get("/models", response_model=ModelsResponse, summary="The served models and manifests")
+@api.get(
+    "/models",
+    operation_id="list_models",
+    response_model=ModelsResponse,
+    summary="The served models and manifests",
+)
 async def list_models(state: State) -> ModelsResponse:
     return ModelsResponse(
         default_model=state.settings.default_model,
@@ -248,9 +284,10 @@ async def list_models(state: State) -> ModelsResponse:
 
 @api.get(
     "/models/{name}",
+    operation_id="get_model",
     response_model=ModelDescription,
     summary="One served model",
-    responses=problem_openapi_responses(UNKNOWN_MODEL),
+    responses=problem_openapi_responses(UNKNOWN_MODEL, instance="/models/zebra"),
 )
 async def get_model(state: State, name: Annotated[str, Path()]) -> ModelDescription:
     return describe_model(state, state.require_model(name))
@@ -258,16 +295,17 @@ async def get_model(state: State, name: Annotated[str, Path()]) -> ModelDescript
 
 @api.post(
     "/landmarks",
+    operation_id="landmarks",
     response_model=LandmarksResponse,
     summary="K landmarks of one image, in its pixel coordinates",
-    responses={200: {"content": _OUTPUT_CONTENT}, **_INPUT_PROBLEMS},
-    openapi_extra=request_body(LandmarksJSON, ["image"], [], LandmarksOptions),
+    responses=_answers("The landmarks", "/landmarks"),
+    openapi_extra=request_body(LandmarksJSON, {"image": IMAGE_PART}),
 )
 async def landmarks(
     request: Request,
     state: State,
     deadline: Deadline,
-    model: Annotated[str | None, Query(description="Model name.")] = None,
+    model: Annotated[ModelName | None, Query(description="Model name.")] = None,
     view: Annotated[LandmarksView | None, Query(description="PNG rendering.")] = None,
 ) -> Any:
     started = time.perf_counter()
@@ -321,16 +359,17 @@ async def landmarks(
 
 @api.post(
     "/correspond",
+    operation_id="correspond",
     response_model=CorrespondResponse,
     summary="Dense correspondence (flow + confidence) from a source to a target image",
-    responses={200: {"content": _OUTPUT_CONTENT}, **_INPUT_PROBLEMS},
-    openapi_extra=request_body(CorrespondJSON, ["source", "target"], [], CorrespondOptions),
+    responses=_answers("The field", "/correspond", TOO_MANY_POINTS, POINTS_OUT_OF_BOUNDS),
+    openapi_extra=request_body(CorrespondJSON, {"source": IMAGE_PART, "target": IMAGE_PART}),
 )
 async def correspond(
     request: Request,
     state: State,
     deadline: Deadline,
-    model: Annotated[str | None, Query(description="Model name.")] = None,
+    model: Annotated[ModelName | None, Query(description="Model name.")] = None,
     resolution: Annotated[Resolution | None, Query(description="Field sampling.")] = None,
     dtype: Annotated[FieldDtype | None, Query(description="Array element type.")] = None,
     view: Annotated[CorrespondView | None, Query(description="PNG rendering.")] = None,
@@ -428,16 +467,25 @@ async def correspond(
 
 @api.post(
     "/propagate",
+    operation_id="propagate",
     response_model=PropagateResponse,
     summary="Carry a label mask from a source image onto one or more targets",
-    responses={200: {"content": _OUTPUT_CONTENT}, **_INPUT_PROBLEMS},
-    openapi_extra=request_body(PropagateJSON, ["source", "mask"], ["targets"], PropagateOptions),
+    responses=_answers("The propagated masks", "/propagate", INVALID_MASK),
+    openapi_extra=request_body(
+        PropagateJSON,
+        {
+            "source": IMAGE_PART,
+            "mask": "Label mask of the source, at its size: one label per pixel (PNG in "
+            "mode L, P, 1 or 16-bit greyscale)",
+        },
+        {"targets": IMAGE_PART},
+    ),
 )
 async def propagate(
     request: Request,
     state: State,
     deadline: Deadline,
-    model: Annotated[str | None, Query(description="Model name.")] = None,
+    model: Annotated[ModelName | None, Query(description="Model name.")] = None,
 ) -> Any:
     started = time.perf_counter()
     body = await parse_body(request, state, PropagateJSON, ["source", "mask"], ["targets"])

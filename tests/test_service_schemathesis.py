@@ -71,5 +71,9 @@ def test_openapi_documents_both_request_encodings(server: RunningServer) -> None
     spec = httpx.get(server.url + "/openapi.json").json()
     body = spec["paths"]["/correspond"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
-    assert body["multipart/form-data"]["schema"]["properties"]["source"]["format"] == "binary"
-    assert "Problem" in spec["components"]["schemas"]
+    schemas = spec["components"]["schemas"]
+    form = schemas[body["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert form["properties"]["source"]["format"] == "binary"
+    as_json = schemas[body["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert as_json["properties"]["source"]["type"] == "string"
+    assert "Problem" in schemas
