@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     StrictBool,
     StrictFloat,
     StringConstraints,
@@ -27,10 +28,18 @@ FieldDtype = Literal["float16", "float32"]
 CorrespondView = Literal["flow", "confidence", "warped", "matches", "landmarks"]
 LandmarksView = Literal["landmarks", "heatmaps"]
 ModelName = Annotated[str, StringConstraints(min_length=1)]
+JsonDict = dict[str, JsonValue]
 # [x, y] in source pixels; strict, so that "1" or true is not taken for a number.
 Point = tuple[StrictFloat, StrictFloat]
 
 _B64 = "base64 of the encoded image file (PNG, JPEG, WebP, TIFF, BMP, GIF); a data: URL works"
+# The JSON Schema of a base64 image (decode_base64 checks the same; a pydantic `pattern`
+# would run a regular expression over megabytes).
+_BASE64: JsonDict = {
+    "contentEncoding": "base64",
+    "pattern": "^(?:data:[a-z]+/[a-z0-9.+-]+;base64,)?(?:[A-Za-z0-9+/]{4})*"
+    "(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$",
+}
 MODEL_DESCRIPTION = "Model name (default: JLAD_DEFAULT_MODEL); GET /models lists them."
 # The formats the service decodes; a file part's own Content-Type is not looked at.
 IMAGE_MEDIA_TYPES = "image/png, image/jpeg, image/webp, image/tiff, image/bmp, image/gif"
@@ -57,7 +66,7 @@ class LandmarksOptions(_Strict):
 class LandmarksJSON(LandmarksOptions):
     """POST /landmarks as JSON."""
 
-    image: str = Field(..., min_length=1, description=_B64)
+    image: str = Field(..., min_length=1, description=_B64, json_schema_extra=_BASE64)
 
 
 class CorrespondOptions(_Strict):
@@ -86,8 +95,8 @@ class CorrespondOptions(_Strict):
 class CorrespondJSON(CorrespondOptions):
     """POST /correspond as JSON."""
 
-    source: str = Field(..., min_length=1, description=_B64)
-    target: str = Field(..., min_length=1, description=_B64)
+    source: str = Field(..., min_length=1, description=_B64, json_schema_extra=_BASE64)
+    target: str = Field(..., min_length=1, description=_B64, json_schema_extra=_BASE64)
 
 
 class PropagateOptions(_Strict):
@@ -107,15 +116,16 @@ class PropagateOptions(_Strict):
 class PropagateJSON(PropagateOptions):
     """POST /propagate as JSON."""
 
-    source: str = Field(..., min_length=1, description=_B64)
+    source: str = Field(..., min_length=1, description=_B64, json_schema_extra=_BASE64)
     mask: str = Field(
         ...,
         min_length=1,
         description="base64 PNG of the source's label mask (L, P or I;16), the source's size",
+        json_schema_extra=_BASE64,
     )
-    targets: list[Annotated[str, StringConstraints(min_length=1)]] = Field(
-        ..., min_length=1, description="base64 target images (at most JLAD_MAX_TARGETS)"
-    )
+    targets: list[
+        Annotated[str, StringConstraints(min_length=1), Field(json_schema_extra=_BASE64)]
+    ] = Field(..., min_length=1, description="base64 target images (at most JLAD_MAX_TARGETS)")
 
 
 # -- responses ---------------------------------------------------------------------------
@@ -145,7 +155,27 @@ class Landmark(BaseModel):
     confidence: float = Field(..., ge=0.0, le=1.0)
 
 
+_BATCH: JsonDict = {"jobs": 2, "images": 3}
+
+
 class LandmarksResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": {"name": "objects", "version": "1"},
+                    "image_size": {"width": 451, "height": 300},
+                    "landmarks": [
+                        {"index": 0, "x": 212.4, "y": 133.0, "confidence": 0.81},
+                        {"index": 1, "x": 250.9, "y": 98.5, "confidence": 0.64},
+                    ],
+                    "batch": _BATCH,
+                    "timings_ms": {"decode_ms": 4.1, "wait_ms": 1.0, "total_ms": 52.3},
+                }
+            ]
+        }
+    )
+
     model: ModelRef
     image_size: ImageSize
     landmarks: list[Landmark]
@@ -168,6 +198,28 @@ class Match(BaseModel):
 
 
 class CorrespondResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": {"name": "objects", "version": "1"},
+                    "source_size": {"width": 451, "height": 300},
+                    "target_size": {"width": 512, "height": 512},
+                    "sampling": "grid",
+                    "resolution": {"width": 1, "height": 1},
+                    "direction": "source->target",
+                    "flow": {"shape": [1, 1, 2], "dtype": "float32", "data": "AAAgQQAAoMA="},
+                    "confidence": {"shape": [1, 1], "dtype": "float32", "data": "AABAPw=="},
+                    "matches": [
+                        {"source": [120.0, 80.0], "target": [131.5, 92.0], "confidence": 0.74}
+                    ],
+                    "batch": _BATCH,
+                    "timings_ms": {"decode_ms": 6.0, "wait_ms": 1.2, "total_ms": 88.4},
+                }
+            ]
+        }
+    )
+
     model: ModelRef
     source_size: ImageSize
     target_size: ImageSize
@@ -192,6 +244,28 @@ class PropagatedMask(BaseModel):
 
 
 class PropagateResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": {"name": "objects", "version": "1"},
+                    "source_size": {"width": 451, "height": 300},
+                    "masks": [
+                        {
+                            "index": 0,
+                            "size": {"width": 512, "height": 512},
+                            "mask": "iVBORw0KGgo...",
+                            "labels": [0, 1],
+                            "reliable_fraction": 0.83,
+                        }
+                    ],
+                    "batch": _BATCH,
+                    "timings_ms": {"decode_ms": 7.5, "wait_ms": 0.8, "total_ms": 120.9},
+                }
+            ]
+        }
+    )
+
     model: ModelRef
     source_size: ImageSize
     masks: list[PropagatedMask]

@@ -223,6 +223,7 @@ def test_document_describes_the_running_configuration(services: dict[str, str]) 
 
 def test_every_problem_status_is_documented_with_examples(services: dict[str, str]) -> None:
     document = httpx.get(services["keys on"] + "/openapi.json").json()
+    problem = jsonschema.Draft202012Validator(document["components"]["schemas"]["Problem"])
     for path in INFERENCE:
         responses = document["paths"][path]["post"]["responses"]
         assert {"400", "401", "404", "406", "413", "415", "422", "429", "500", "503", "504"} <= set(
@@ -240,6 +241,7 @@ def test_every_problem_status_is_documented_with_examples(services: dict[str, st
             assert content["schema"] == {"$ref": "#/components/schemas/Problem"}
             for example in content["examples"].values():
                 value = example["value"]
+                problem.validate(value)
                 assert value["status"] == int(status) and value["type"].startswith(PROBLEM_PREFIX)
         assert responses["429"]["headers"]["Retry-After"]["required"]
     correspond = document["paths"]["/correspond"]["post"]["responses"]["422"]
