@@ -48,7 +48,20 @@ from model_export.evaluation.tss import evaluate_tss
 
 log = logging.getLogger("jlad.evaluate")
 
-__all__ = ["DEFAULT_DATA_DIRS", "DEFAULT_MODELS", "METHODS", "RUNNERS", "TASKS", "main", "run_task"]
+# The benchmark functions stay importable from here (bench/int8_accuracy.py uses them).
+__all__ = [
+    "DEFAULT_DATA_DIRS",
+    "DEFAULT_MODELS",
+    "METHODS",
+    "RUNNERS",
+    "TASKS",
+    "evaluate_faces",
+    "evaluate_objects_landmarks",
+    "evaluate_pfwillow",
+    "evaluate_tss",
+    "main",
+    "run_task",
+]
 
 Runner = Callable[..., dict[str, Any]]
 RUNNERS: dict[str, Runner] = {
@@ -201,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--docs-img",
         type=Path,
         default=None,
-        help="also write the landmark tasks' PNG grids here (`make evaluate`: docs/img)",
+        help="also write the landmark tasks' PNG grids and the DAVIS strips here "
+        "(`make evaluate`: docs/img)",
     )
     parser.add_argument(
         "--update-checkpoint-metrics",
@@ -220,11 +234,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     models = {task: names[DEFAULT_MODELS[task]] for task in TASKS}
     tasks = list(TASKS) if args.task == "all" else [args.task]
     reports: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
     for task in tasks:
         if args.task == "all":
             checkpoint = args.checkpoints / models[task]
             data = args.data / DEFAULT_DATA_DIRS[task]
             out = args.out / models[task]
+            if not data.is_dir():
+                # Loud, not fatal: one missing data set should not cost the other figures.
+                log.warning("%s skipped: no data set at %s", task, data)
+                skipped[task] = f"no data set at {data}"
+                continue
         else:
             checkpoint = args.checkpoint or args.checkpoints / models[task]
             # --data may name the data set itself or the folder holding all of them.
@@ -233,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         options: dict[str, Any] = {}
         if args.figures is not None:
             options["figures"] = args.figures
-        if task in LANDMARK_TASKS:
+        if task in LANDMARK_TASKS or task == "davis":
             options["docs_img"] = args.docs_img
         if task == "faces":
             # The split training used: its config's seed and held-out share.
@@ -257,10 +277,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
             update_checkpoint_metrics=args.update_checkpoint_metrics,
         )
     if args.task == "all":
-        summary = {
+        summary: dict[str, Any] = {
             task: {"checkpoint": r["checkpoint"], "methods": r["methods"]}
             for task, r in reports.items()
         }
+        summary["skipped"] = skipped
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return reports
