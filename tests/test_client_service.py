@@ -317,7 +317,7 @@ def test_sequence_propagation(client: JladClient, mode: str) -> None:
 
 def test_chain_falls_back_to_the_annotated_frame_when_unreliable(client: JladClient) -> None:
     frames, mask = _frames(3), _mask()
-    # Reliability can never reach 1.01, so every chained step also asks the annotated frame.
+    # Agreement can never reach 1.01, so every chained step falls back to the direct warp.
     results = list(
         propagate_sequence(
             client,

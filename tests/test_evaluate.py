@@ -34,6 +34,7 @@ from model_export.data import (
 from model_export.evaluate import METHODS, main
 from model_export.metrics import landmark_error
 from model_export.model import JLAD, ModelConfig
+from tests.test_evaluate_davis import write_davis
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT = 64
@@ -111,6 +112,7 @@ def trees(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_pf_willow(root / "data" / "pf-willow-sample")
     write_tss(root / "data" / "tss-sample")
     write_mtfl(root / "data" / "mtfl-train")
+    write_davis(root / "data" / "davis2016-sample")
     torch.manual_seed(0)
     for name in ("objects", "faces"):
         model = JLAD(ModelConfig(input_size=(INPUT, INPUT)))
@@ -140,7 +142,10 @@ def test_all_tasks_end_to_end(trees: Path, tmp_path: Path) -> None:
             str(tmp_path / "docs"),
         ]
     )
-    assert {"pfwillow", "tss", "faces", "objects-landmarks"} <= set(reports)
+    assert {"pfwillow", "tss", "faces", "objects-landmarks", "davis"} <= set(reports)
+    # DAVIS tree: frames that never move, so copying frame 0's mask is exact.
+    assert reports["davis"]["methods"]["identity"]["J"] == 1.0
+    assert is_png(tmp_path / "docs" / "davis_blob-a.png")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["faces"]["checkpoint"].endswith("faces")
 

@@ -177,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
             "modes:\n"
             "  anchor  every frame from the annotated image; frames sent --batch-size at a time,\n"
             "          the service computes the annotated image's features once per request\n"
-            "  chain   frame to frame; when a step's reliability (the share of carried pixels\n"
-            "          whose match is reliable) is below --fallback-reliability, the frame\n"
-            "          is also warped from the annotated image; the more reliable one is kept\n\n"
+            "  chain   frame to frame, held to the annotated image: each frame is also warped\n"
+            "          straight from it, pixels whose direct match is reliable keep that label,\n"
+            "          the others take the chained one; reliability = agreement (IoU) of the\n"
+            "          chained and direct masks; below --fallback-reliability the frame takes\n"
+            "          the direct mask and the chain restarts from it\n\n"
             "outputs: OUT/masks/<frame>.png (labels kept), OUT/overlays/<frame>.png,\n"
             "         OUT/summary.json"
         ),
@@ -230,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--fallback-reliability",
         type=float,
         default=DEFAULT_FALLBACK_RELIABILITY,
-        help="chain mode: when fewer than this share of a step's carried pixels are reliable, "
-        "the frame is also warped from the annotated image (default: %(default)s)",
+        help="chain mode: when the chained mask agrees (IoU) less than this with the mask "
+        "warped straight from the annotated image, the frame takes the latter "
+        "(default: %(default)s)",
     )
     pr.add_argument("--no-overlays", action="store_true", help="write masks only")
     return parser

@@ -141,6 +141,29 @@ def mask_iou(predicted: Labels, reference: Labels) -> float:
     return int(np.count_nonzero(pred & ref)) / union
 
 
+def label_agreement(first: Labels, second: Labels) -> float:
+    """Share of the pixels labelled (non-zero) in either of two (H, W) masks that carry the
+    same label in both: the foreground IoU for one-label masks, and label-aware for several
+    (a pixel labelled 1 in one mask and 2 in the other disagrees). Two empty masks agree
+    perfectly (1.0)."""
+    a, b = np.asarray(first), np.asarray(second)
+    if a.shape != b.shape:
+        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
+    labelled = (a != 0) | (b != 0)
+    union = int(np.count_nonzero(labelled))
+    if union == 0:
+        return 1.0
+    return int(np.count_nonzero(labelled & (a == b))) / union
+
+
+def reliable_fraction(
+    confidence: NDArray[np.floating], min_confidence: float = DEFAULT_MIN_CONFIDENCE
+) -> float:
+    """Share of the pixels of a confidence map (H, W) that reach `min_confidence` (NaN counts
+    as unreliable): the `reliable_fraction` that `/propagate` reports for each target."""
+    return float(np.mean(np.asarray(confidence) >= min_confidence))
+
+
 def resize_mask(mask: Labels, size: tuple[int, int]) -> Labels:
     """Nearest-neighbour resize of an (H, W) label map to `size` = (H', W'), pixel centres
     aligned (the same convention as the correspondence fields)."""

@@ -7,16 +7,20 @@ Two modes (docs/CLIENT.md explains when to use which):
     source through the backbone once per call and reuses those features for every target of
     the batch (the API is stateless, so "once" means once per call: larger batches, fewer
     recomputations).
-`chain`: frame to frame. Frame i gets the mask of the frame before it (in the walk away from
-    the annotated frame), warped through `POST /correspond` (`resolution=target`) and
-    `propagate_mask` here in the client, with the same unreliable-pixel rule as the service.
-    Its *reliability* is the share of the carried pixels (target pixels whose match lands on
-    a labelled pixel of the previous mask; all pixels when that mask is empty) whose match
-    confidence reaches `min_confidence`. When it is below `fallback_reliability`, the frame
-    is also warped straight from the annotated frame and whichever of the two has the higher
-    reliability is kept; the chain continues from the kept mask. Chaining follows gradual
-    change (deformation, viewpoint drift) better; the fallback stops errors from
-    accumulating after occlusions or cuts.
+`chain`: frame to frame, held to the annotated frame. Each step warps the previous frame's
+    mask onto the frame (`POST /correspond`, `resolution=target`, and `propagate_mask` here
+    in the client, with the same unreliable-pixel rule as the service) and also the
+    annotation itself (a second `/correspond` from the annotated image; one call when the
+    previous frame is the annotated one). `chain_step` then combines the two: a pixel whose
+    match to the annotated frame is reliable (confidence >= `min_confidence`) takes the
+    directly warped label, every other pixel the chained one, so the chain only fills in
+    where the direct match fails (large motion, deformation) and cannot drift where the
+    direct match holds. The step's *reliability* is the agreement (`label_agreement`, the
+    IoU for one label) between the chained and the directly warped masks: per-step match
+    confidence stays near 1 between neighbouring frames even while a chain drifts onto the
+    background, whereas drift shows as disagreement with the annotated frame. Below
+    `fallback_reliability` the frame takes the directly warped mask (`fell_back`) and the
+    chain restarts from it.
 
 If the annotated image is itself one of the frames (`anchor_index`), that frame keeps the
 annotation, and the chain walks forwards from it and then backwards from it.
@@ -35,11 +39,14 @@ from numpy.typing import NDArray
 
 from jlad_client.client import JladClient
 from jlad_client.images import ImageInput, MaskInput, image_size, read_mask
-from jlad_client.masks import DEFAULT_MIN_CONFIDENCE, propagate_mask
-from jlad_client.warp import sample_nearest
+from jlad_client.masks import DEFAULT_MIN_CONFIDENCE, label_agreement, propagate_mask
 
 Mode = Literal["anchor", "chain"]
-DEFAULT_FALLBACK_RELIABILITY = 0.5
+DEFAULT_FALLBACK_RELIABILITY = 0.3
+"""Chain mode: agreement with the directly warped mask below which a frame takes the directly
+warped mask. Chosen on the four DAVIS-2016 sample sequences (docs/EVALUATION.md): 0.3 keeps
+the chain at least as good as anchor mode on each of them; 0.5 restarts too often (the
+directly warped mask is itself poor on fast motion) and 0 lets `libby` drift."""
 
 
 @dataclass(frozen=True)
@@ -52,10 +59,11 @@ class FrameMask:
         origin: `annotated` (the annotation itself), `anchor` (warped from the annotated
             frame) or `previous` (warped from the frame before it in the chain).
         reliability: `anchor` mode: the service's `reliable_fraction` (share of the
-            frame's pixels whose match met `min_confidence`); `chain` mode: the same share
-            over the carried pixels only (see the module docstring); 1 for the annotation.
-        fell_back: True when the chain's reliability was too low and the annotated frame was
-            asked instead.
+            frame's pixels whose match met `min_confidence`); `chain` mode: the agreement
+            between the chained mask and the mask warped straight from the annotated frame
+            (see the module docstring); 1 for the annotation.
+        fell_back: True when that agreement was below `fallback_reliability` and the frame
+            took the directly warped mask.
     """
 
     index: int
@@ -65,23 +73,65 @@ class FrameMask:
     fell_back: bool = False
 
 
-def carried_reliability(
-    source_mask: NDArray[np.integer],
-    backward_field: NDArray[np.floating],
-    confidence: NDArray[np.floating],
-    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
-) -> float:
-    """Share of the carried target pixels whose confidence (Ht, Wt) reaches `min_confidence`.
+@dataclass(frozen=True)
+class ChainStep:
+    """One chain-mode step: the frame's mask, its reliability, and how it was made."""
 
-    Carried pixels: those whose match (Ht, Wt, 2) lands on a labelled (non-zero) source
-    pixel; every target pixel when none does. NaN confidence counts as unreliable.
+    mask: NDArray[np.integer]
+    reliability: float
+    origin: Literal["anchor", "previous"]
+    fell_back: bool
+
+
+def chain_step(
+    previous_mask: NDArray[np.integer],
+    previous_field: NDArray[np.floating] | None,
+    previous_confidence: NDArray[np.floating] | None,
+    annotation: NDArray[np.integer],
+    anchor_field: NDArray[np.floating],
+    anchor_confidence: NDArray[np.floating],
+    *,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    keep_if_neighbours_agree: bool = True,
+    fallback_reliability: float = DEFAULT_FALLBACK_RELIABILITY,
+) -> ChainStep:
+    """One step of chain mode, from correspondence arrays (the service's or the model's).
+
+    Args:
+        previous_mask: (Hp, Wp) labels of the frame before this one in the chain.
+        previous_field, previous_confidence: backward field (H, W, 2) from this frame to the
+            previous frame (source pixel per target pixel) and its confidence (H, W); both
+            None when the previous frame is the annotated one (the step is then the direct
+            warp, origin `anchor`, reliability 1).
+        annotation: (Ha, Wa) labels of the annotated frame.
+        anchor_field, anchor_confidence: the same from this frame to the annotated frame.
+        min_confidence, keep_if_neighbours_agree: the unreliable-pixel rule of
+            `propagate_mask`, used for both warps; `min_confidence` also decides which
+            pixels keep the directly warped label.
+        fallback_reliability: below this agreement the frame takes the directly warped mask.
+
+    Returns:
+        The mask: the directly warped label where the match to the annotated frame reaches
+        `min_confidence`, the chained label elsewhere (or the directly warped mask when
+        falling back); reliability = `label_agreement` of the chained and directly warped
+        masks.
     """
-    carried = sample_nearest(np.asarray(source_mask) != 0, backward_field, fill=False).astype(bool)
-    conf = np.asarray(confidence, np.float64)
-    values = conf[carried] if carried.any() else conf.ravel()
-    if values.size == 0:
-        return 0.0
-    return float(np.count_nonzero(values >= min_confidence)) / values.size
+    warp = functools.partial(
+        propagate_mask,
+        min_confidence=min_confidence,
+        keep_if_neighbours_agree=keep_if_neighbours_agree,
+    )
+    direct = warp(annotation, anchor_field, anchor_confidence)
+    if previous_field is None or previous_confidence is None:
+        return ChainStep(direct, 1.0, "anchor", False)
+    chained = warp(previous_mask, previous_field, previous_confidence)
+    agreement = label_agreement(chained, direct)
+    if not agreement >= fallback_reliability:
+        return ChainStep(direct, agreement, "anchor", True)
+    # Where the direct match holds, the chain has nothing to add and could only have drifted.
+    trusted = np.asarray(anchor_confidence) >= min_confidence
+    fused = np.where(trusted, direct, chained).astype(direct.dtype, copy=False)
+    return ChainStep(fused, agreement, "previous", False)
 
 
 def chain_order(count: int, anchor_index: int | None) -> list[tuple[int, int | None]]:
@@ -132,28 +182,13 @@ def _propagate_anchor(
             yield FrameMask(index, target_mask, "anchor", reliability)
 
 
-def _warp_through_service(
-    client: JladClient,
-    source: ImageInput,
-    mask: NDArray[np.integer],
-    target: ImageInput,
-    *,
-    min_confidence: float,
-    keep_if_neighbours_agree: bool,
-    model: str | None,
-) -> tuple[NDArray[np.integer], float]:
-    """`mask` carried onto `target` via `/correspond` + `propagate_mask`, and its
-    reliability."""
+def _backward_arrays(
+    client: JladClient, source: ImageInput, target: ImageInput, model: str | None
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Backward field (Ht, Wt, 2) and confidence (Ht, Wt) from `target` to `source`, via
+    `/correspond` at target resolution."""
     corr = client.correspond(source, target, resolution="target", model=model)
-    field = corr.backward_field()
-    warped = propagate_mask(
-        mask,
-        field,
-        corr.confidence,
-        min_confidence=min_confidence,
-        keep_if_neighbours_agree=keep_if_neighbours_agree,
-    )
-    return warped, carried_reliability(mask, field, corr.confidence, min_confidence)
+    return corr.backward_field(), np.asarray(corr.confidence, np.float32)
 
 
 def propagate_sequence(
@@ -182,8 +217,8 @@ def propagate_sequence(
         batch_size: targets per `/propagate` call in `anchor` mode.
         min_confidence, keep_if_neighbours_agree: the unreliable-pixel rule (unreliable
             pixels become background 0; see `jlad_client.masks`), the same in both modes.
-        fallback_reliability: `chain` mode: reliability below which the annotated frame is
-            asked too.
+        fallback_reliability: `chain` mode: agreement with the directly warped mask below
+            which a frame takes the directly warped mask (see `chain_step`).
         model: model name (default: the client's, else the service's).
     """
     labels = read_mask(mask)
@@ -211,27 +246,28 @@ def propagate_sequence(
         )
         return
 
-    warp = functools.partial(
-        _warp_through_service,
-        client,
-        min_confidence=min_confidence,
-        keep_if_neighbours_agree=keep_if_neighbours_agree,
-        model=model,
-    )
     masks: dict[int, NDArray[np.integer]] = {} if anchor_index is None else {anchor_index: labels}
     for index, previous in chain_order(len(frames), anchor_index):
-        prev_image = source if previous is None else frames[previous]
-        prev_mask = labels if previous is None else masks[previous]
-        warped, reliability = warp(prev_image, prev_mask, frames[index])
-        origin: Literal["anchor", "previous"] = "anchor" if previous is None else "previous"
-        fell_back = False
-        if previous is not None and not reliability >= fallback_reliability:
-            fell_back = True
-            direct, direct_reliability = warp(source, labels, frames[index])
-            if direct_reliability > reliability:
-                warped, reliability, origin = direct, direct_reliability, "anchor"
-        masks[index] = warped
-        yield FrameMask(index, warped, origin, reliability, fell_back)
+        anchor_field, anchor_conf = _backward_arrays(client, source, frames[index], model)
+        previous_field = previous_conf = None
+        # A step from the annotated frame itself needs no second correspondence.
+        if previous is not None and previous != anchor_index:
+            previous_field, previous_conf = _backward_arrays(
+                client, frames[previous], frames[index], model
+            )
+        step = chain_step(
+            labels if previous is None else masks[previous],
+            previous_field,
+            previous_conf,
+            labels,
+            anchor_field,
+            anchor_conf,
+            min_confidence=min_confidence,
+            keep_if_neighbours_agree=keep_if_neighbours_agree,
+            fallback_reliability=fallback_reliability,
+        )
+        masks[index] = step.mask
+        yield FrameMask(index, step.mask, step.origin, step.reliability, step.fell_back)
 
 
 @dataclass(frozen=True)
