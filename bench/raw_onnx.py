@@ -12,6 +12,13 @@ pairs for `correspond`) and the per-batch latency (p50/p95/p99).
 
     python -m bench.raw_onnx --model-dir models --model objects --batches 1,2,4,8,16 \
         --pair-batches 1,2,4,8 --seconds 2 --out runs/bench/raw
+    python -m bench.raw_onnx --model-dir models --compare-precision int8 --rounds 3 \
+        --batches 8 --pair-batches 4 --out runs/bench/int8
+
+`--compare-precision P` measures `--precision` (default fp32) and P alternately, `--rounds`
+times per batch size (background load drifts; alternating hits both alike), with the
+service's session options (no spinning), and reports P's speed-up (target: int8 >= 1.6x
+fp32 at landmarks batch 8 and correspond 4 pairs).
 """
 
 from __future__ import annotations
@@ -217,6 +224,64 @@ def spinning_comparison(
     return rows
 
 
+INT8_SPEEDUP_TARGET = 1.6
+
+
+def precision_comparison(
+    base: RawGraphs,
+    other: RawGraphs,
+    batches: dict[str, list[int]],
+    *,
+    min_seconds: float,
+    rounds: int = 3,
+) -> list[dict[str, Any]]:
+    """Items/s of `base` and `other` (two precisions of one model), measured alternately
+    `rounds` times per (endpoint, batch); `speed_up` = other / base (means over rounds)."""
+    rows = []
+    plan = [(endpoint, b) for endpoint, sizes in batches.items() for b in sizes]
+    for endpoint, batch in tqdm(plan, desc=f"{base.precision} vs {other.precision}"):
+        rates: dict[str, list[float]] = {base.precision: [], other.precision: []}
+        for _ in range(rounds):
+            for graphs in (base, other):
+                point = measure(graphs, endpoint, batch, min_seconds=min_seconds, min_iterations=2)
+                rates[graphs.precision].append(point.items_per_s)
+        a, b = (float(np.mean(rates[k])) for k in (base.precision, other.precision))
+        rows.append(
+            {
+                "endpoint": endpoint,
+                "batch": batch,
+                "base": base.precision,
+                "other": other.precision,
+                "base_items_per_s": a,
+                "other_items_per_s": b,
+                "speed_up": b / a,
+                "rates": rates,
+            }
+        )
+    return rows
+
+
+def precision_table(rows: list[dict[str, Any]], target: float | None = None) -> str:
+    """Markdown table of `precision_comparison` rows (pass/miss against `target`)."""
+    lines = [
+        "| endpoint | batch | base items/s | other items/s | speed-up | per round |"
+        + (" target |" if target else ""),
+        "|---|---:|---:|---:|---:|---|" + ("---|" if target else ""),
+    ]
+    for r in rows:
+        pairs = zip(r["rates"][r["base"]], r["rates"][r["other"]], strict=True)
+        rounds = ", ".join(f"{x:.2f}/{y:.2f}" for x, y in pairs)
+        verdict = ""
+        if target:
+            verdict = f" >= {target}: {'pass' if r['speed_up'] >= target else 'miss'} |"
+        lines.append(
+            f"| {r['endpoint']} | {r['batch']} | {r['base_items_per_s']:.2f} ({r['base']}) | "
+            f"{r['other_items_per_s']:.2f} ({r['other']}) | {r['speed_up']:.2f} | {rounds} |"
+            + verdict
+        )
+    return "\n".join(lines)
+
+
 def raw_table(points: list[RawPoint], labels: list[str] | None = None) -> str:
     """Markdown table of raw points (with a first column of `labels` when given)."""
     first = "| measured | " if labels else "| "
@@ -248,7 +313,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=Path("models"))
     parser.add_argument("--model", default="objects")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    parser.add_argument(
+        "--compare-precision",
+        choices=["fp32", "fp16", "int8"],
+        help="measure this precision against --precision instead (alternating rounds)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --compare-precision")
     parser.add_argument("--providers", default="cpu", help="as JLAD_PROVIDERS: cpu, cuda, auto")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = ORT's)")
     parser.add_argument("--batches", type=parse_int_list, default=[1, 2, 4, 8, 16])
@@ -259,6 +330,35 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     machine = machine_info()
+    if args.compare_precision:
+        base, other = (
+            RawGraphs(args.model_dir, args.model, p, args.providers, args.threads, spinning=False)
+            for p in (args.precision, args.compare_precision)
+        )
+        rows = precision_comparison(
+            base,
+            other,
+            {"landmarks": args.batches, "correspond": args.pair_batches},
+            min_seconds=args.seconds,
+            rounds=args.rounds,
+        )
+        target = (
+            INT8_SPEEDUP_TARGET
+            if (base.precision, other.precision)
+            == (
+                "fp32",
+                "int8",
+            )
+            else None
+        )
+        write_json(
+            args.out / "precision.json",
+            {"machine": machine, "model": base.model, "threads": args.threads, "rows": rows},
+        )
+        table = precision_table(rows, target)
+        (args.out / "precision.md").write_text(table + "\n")
+        print(table)
+        return
     graphs = RawGraphs(args.model_dir, args.model, args.precision, args.providers, args.threads)
     points = measure_all(
         graphs,

@@ -263,6 +263,8 @@ def int8_nodes(model: onnx.ModelProto) -> set[str]:
 def quantize_graph(src: Path, dst: Path, feeds: Sequence[dict[str, F32]]) -> dict[str, Any]:
     """Write the int8 QDQ copy of graph `src` to `dst`; returns what was quantized."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    # the optimiser warns about every initializer it drops (dozens per graph); errors only
+    ort.set_default_logger_severity(3)
     with tempfile.TemporaryDirectory(prefix="jlad-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # shape inference + ORT's float optimisations first (folds constants, fuses

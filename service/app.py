@@ -229,11 +229,14 @@ def install_problem_handlers(app: FastAPI) -> None:
         return _problem(request, problems.INTERNAL_ERROR, f"inference failed: {exc}")
 
 
-def uvicorn_config(settings: Settings, app: FastAPI | None = None) -> uvicorn.Config:
-    """uvicorn settings that honour JLAD_*: bind, proxies, graceful shutdown, our logs."""
+def uvicorn_config(settings: Settings, app: FastAPI | str | None = None) -> uvicorn.Config:
+    """uvicorn settings that honour JLAD_*: bind, proxies, graceful shutdown, our logs.
+    `app` as an import string names an app factory (each worker process calls it)."""
     trusted = settings.trusted_proxies
     return uvicorn.Config(
         app or create_app(settings),
+        factory=isinstance(app, str),
+        workers=settings.api_processes if isinstance(app, str) else None,
         host=settings.host,
         port=settings.port,
         proxy_headers=bool(trusted),

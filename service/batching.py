@@ -39,7 +39,8 @@ BatchRunner = Callable[[Sequence[InferenceJob]], list[InferenceResult]]
 
 # eq=False: identity comparison. The generated __eq__ would compare the jobs' numpy arrays
 # (slow, and ambiguous-truth errors) whenever an entry is looked up in the queue.
-@dataclass(eq=False)
+# repr=False: the generated __repr__ prints the job's images and the result's arrays.
+@dataclass(eq=False, repr=False)
 class _Entry:
     job: InferenceJob
     future: asyncio.Future[InferenceResult]
@@ -261,11 +262,12 @@ class Batcher:
     # -- bookkeeping ----------------------------------------------------------------------
 
     def _forget(self, entry: _Entry) -> None:
-        try:
+        # Usually the batch loop has taken the entry already. Look before removing: a
+        # failed deque.remove formats repr(entry) into its ValueError, which printed the
+        # result's arrays and took a fifth of the API's CPU at saturation (bench.ceiling).
+        if any(e is entry for e in self._pending):
             self._pending.remove(entry)
-        except ValueError:
-            return
-        self._update_depth()
+            self._update_depth()
 
     def _unfinished(self) -> int:
         return sum(not e.future.done() for e in [*self._pending, *self._running])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -68,6 +70,12 @@ class ServiceMetrics:
             ["model", "version", "provider", "precision"],
             registry=r,
         )
+        # Several API processes may share one port (JLAD_API_PROCESSES): every figure here is
+        # this process's own; the pid says which process answered the scrape.
+        self.process = Gauge(
+            "jlad_api_process_info", "1, labelled with this process's pid", ["pid"], registry=r
+        )
+        self.process.labels(str(os.getpid())).set(1)
 
     def observe_batch(self, model: str, jobs: int, images: int, seconds: float) -> None:
         self.batch_jobs.labels(model).observe(jobs)

@@ -140,6 +140,12 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight requests may still finish."
     )
+    api_processes: int = Field(
+        default=1,
+        ge=1,
+        description="API processes sharing the port (uvicorn workers); more than 1 needs "
+        "JLAD_QUEUE=redis. Each process answers /metrics for itself.",
+    )
 
     @field_validator("trusted_proxies", "models", "api_keys", mode="before")
     @classmethod
@@ -163,4 +169,12 @@ class Settings(BaseSettings):
     def _check_deadlines(self) -> Settings:
         if self.deadline_ms > self.max_deadline_ms:
             raise ValueError("JLAD_DEADLINE_MS must not exceed JLAD_MAX_DEADLINE_MS")
+        return self
+
+    @model_validator(mode="after")
+    def _check_api_processes(self) -> Settings:
+        # With the local queue every process would load its own models and batcher and
+        # fight over the same cores; the Redis queue is what lets API processes share work.
+        if self.api_processes > 1 and self.queue != "redis":
+            raise ValueError("JLAD_API_PROCESSES > 1 needs JLAD_QUEUE=redis")
         return self

@@ -227,3 +227,33 @@ def test_redis_outage_answers_503_fast_and_everything_recovers_by_itself(
         np.testing.assert_allclose(landmarks_of(response), cluster.expected(i + 1), atol=1e-2)
     assert all(api.process.poll() is None for api in cluster.apis), "nothing restarted"
     cluster.stop_workers()
+
+
+def test_two_api_processes_on_one_port_each_count_their_own_requests(cluster: Cluster) -> None:
+    """JLAD_API_PROCESSES=2: one port, two uvicorn worker processes in front of the queue.
+    Answers are right whichever process takes the connection, and /metrics is per process
+    (`jlad_api_process_info` names it): the two processes' request counters add up to the
+    requests sent."""
+    cluster.start_workers("w-ports")
+    env = queue_environment(cluster.model_dir, cluster.redis.url, api_processes="2")
+    api = start_process("service", "api-2p", env, cluster.directory)
+    try:
+        api.wait_ready()
+        sent = 12
+        for i in range(sent):  # a new connection each: the kernel spreads them
+            response = post_landmarks(api, IMAGES[i % 3])
+            assert response.status_code == 200, response.text
+            np.testing.assert_allclose(landmarks_of(response), cluster.expected(i % 3), atol=1e-2)
+        counts: dict[str, float] = {}
+
+        def both_seen() -> bool:
+            metrics = api.metrics()
+            (pid,) = [k for k in metrics if k.startswith("jlad_api_process_info")]
+            counts[pid] = metrics.get('jlad_requests_total{route="/landmarks",status="200"}', 0)
+            return len(counts) == 2
+
+        wait_for(both_seen, 30, "/metrics answered by both API processes", interval_s=0.05)
+        assert sum(counts.values()) == sent
+    finally:
+        assert api.stop() in (0, -signal.SIGTERM)
+        cluster.stop_workers()

@@ -59,9 +59,17 @@ def test_settings_refuse_nonsense(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValidationError):
         Settings()
     monkeypatch.delenv("JLAD_MAX_BATCH_SIZE")
-    monkeypatch.setenv("JLAD_PRECISION", "int8")
+    monkeypatch.setenv("JLAD_PRECISION", "int4")
     with pytest.raises(ValidationError):
         Settings()
+    monkeypatch.setenv("JLAD_PRECISION", "int8")
+    assert Settings().precision == "int8"
+    # several API processes share work only through the Redis queue
+    monkeypatch.setenv("JLAD_API_PROCESSES", "2")
+    with pytest.raises(ValidationError, match="JLAD_QUEUE=redis"):
+        Settings()
+    monkeypatch.setenv("JLAD_QUEUE", "redis")
+    assert Settings().api_processes == 2
 
 
 # -- problems ----------------------------------------------------------------------------

@@ -1,0 +1,315 @@
+"""The service's own ceiling: requests/s of the API when the model costs nothing (the
+`null` model of bench/null_model.py), and the per-request overhead at concurrency 1.
+
+    python -m bench.ceiling --out runs/bench/ceiling               # ~4 min on 2 cores
+    python -m bench.ceiling --out runs/bench/ceiling --profile     # + py-spy of the API
+
+The load generator is `wrk` (Debian package `wrk`: C, one event-loop thread, a fraction
+of a core at these rates), sending the same pre-encoded multipart request (256x256 JPEG
+uploads, bench/loadgen.py's `build_payload`) over keep-alive connections; `wrk` is the
+only client, so the Python API processes are what saturates. Scenarios, in order:
+
+1. `local`: one API process (`python -m service`, JLAD_QUEUE=local, batching on, the null
+   model): per endpoint / answer format (landmarks npz, landmarks JSON, correspond npz), a
+   level at concurrency 1 (latency; overhead = mean latency - mean batch run time from the
+   process's own /metrics) and closed-loop levels at `--concurrency` (best = saturation).
+2. `redis`: a private redis-server, one queue worker, and the API with
+   JLAD_API_PROCESSES=1, then 2, then 1 again (the bracket): landmarks npz at saturation;
+   target: 2 processes >= 1.6x the mean of the two 1-process runs.
+
+Targets (issue 16): one API process >= 300 req/s for landmarks npz; two >= 1.6x one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import machine_info, parse_int_list, write_json
+from bench.loadgen import Payload, build_payload, require_loopback
+from bench.null_model import NAME, write_null_repository
+from bench.pyspy import start_recording, top_frames
+from bench.services import Stack
+
+log = logging.getLogger("bench.ceiling")
+
+ONE_PROCESS_TARGET_RPS = 300.0
+SCALING_TARGET = 1.6
+CASES = (("landmarks", "npz"), ("landmarks", "json"), ("correspond", "npz"))
+
+# Read the body and headers from the environment (wrk's Lua has no arguments); print one
+# JSON line at the end with the figures wrk keeps (latencies in microseconds).
+WRK_SCRIPT = r"""
+local f = assert(io.open(os.getenv("JLAD_WRK_BODY"), "rb"))
+wrk.body = f:read("*a")
+f:close()
+wrk.method = "POST"
+wrk.headers["Content-Type"] = os.getenv("JLAD_WRK_CONTENT_TYPE")
+wrk.headers["Accept"] = os.getenv("JLAD_WRK_ACCEPT")
+done = function(summary, latency, requests)
+  io.write(string.format(
+    "JLAD_WRK {\"requests\": %d, \"duration_us\": %d, \"status_errors\": %d, " ..
+    "\"connect_errors\": %d, \"read_errors\": %d, \"timeouts\": %d, \"mean_us\": %.1f, " ..
+    "\"p50_us\": %d, \"p90_us\": %d, \"p99_us\": %d, \"max_us\": %d}\n",
+    summary.requests, summary.duration, summary.errors.status, summary.errors.connect,
+    summary.errors.read, summary.errors.timeout, latency.mean, latency:percentile(50),
+    latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+def wrk_binary() -> str:
+    binary = shutil.which("wrk")
+    if binary is None:
+        raise RuntimeError("wrk is not installed (apt-get install wrk)")
+    return binary
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """The JLAD_WRK line of wrk's output, with `ok_rps` = non-error answers per second."""
+    match = re.search(r"^JLAD_WRK (\{.*\})$", output, re.MULTILINE)
+    if not match:
+        raise RuntimeError(f"wrk printed no summary:\n{output[-2000:]}")
+    figures: dict[str, Any] = json.loads(match.group(1))
+    errors = sum(figures[k] for k in ("status_errors", "connect_errors", "read_errors"))
+    figures["ok"] = figures["requests"] - errors - figures["timeouts"]
+    figures["ok_rps"] = figures["ok"] / (figures["duration_us"] / 1e6)
+    return figures
+
+
+def run_wrk(
+    url: str, payload: Payload, work: Path, *, connections: int, seconds: float
+) -> dict[str, Any]:
+    """One closed-loop level: `connections` keep-alive connections for `seconds`."""
+    require_loopback(url)
+    work.mkdir(parents=True, exist_ok=True)
+    body = work / f"{payload.endpoint}-{payload.response}.body"
+    body.write_bytes(payload.body)
+    script = work / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    argv = [wrk_binary(), "-t", "1", "-c", str(connections), "-d", f"{seconds:g}s"]
+    argv += ["--timeout", "10s", "-s", str(script), url + payload.path]
+    env = {
+        "JLAD_WRK_BODY": str(body),
+        "JLAD_WRK_CONTENT_TYPE": payload.headers["content-type"],
+        "JLAD_WRK_ACCEPT": payload.headers["accept"],
+        "PATH": "/usr/bin:/bin",
+    }
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    figures = parse_wrk(done.stdout)
+    figures["connections"] = connections
+    return figures
+
+
+def batch_seconds(metrics_url: str) -> tuple[float, float]:
+    """(sum, count) of `jlad_batch_duration_seconds` over every model of one process."""
+    text = httpx.get(metrics_url + "/metrics", timeout=10, trust_env=False).text
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("jlad_batch_duration_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("jlad_batch_duration_seconds_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def level(
+    url: str,
+    metrics_url: str,
+    payload: Payload,
+    work: Path,
+    connections: int,
+    seconds: float,
+    warmup_s: float,
+) -> dict[str, Any]:
+    """A warm-up run, then the measured run; adds the mean batch run time of the measured
+    run (from the process's /metrics) and the overhead = mean latency - that."""
+    run_wrk(url, payload, work, connections=connections, seconds=warmup_s)
+    before = batch_seconds(metrics_url)
+    figures = run_wrk(url, payload, work, connections=connections, seconds=seconds)
+    after = batch_seconds(metrics_url)
+    batches = after[1] - before[1]
+    figures["batch_mean_ms"] = 1000 * (after[0] - before[0]) / batches if batches else None
+    if figures["batch_mean_ms"] is not None:
+        figures["overhead_ms"] = figures["mean_us"] / 1000 - figures["batch_mean_ms"]
+    log.info(
+        "%s %s c=%d: %.1f req/s ok, p50 %.1f ms, p99 %.1f ms, errors %d",
+        payload.endpoint,
+        payload.response,
+        connections,
+        figures["ok_rps"],
+        figures["p50_us"] / 1000,
+        figures["p99_us"] / 1000,
+        figures["requests"] - figures["ok"],
+    )
+    return figures
+
+
+def null_settings(model_dir: Path, **extra: str) -> dict[str, str]:
+    settings = {
+        "JLAD_MODEL_DIR": str(model_dir),
+        "JLAD_MODELS": NAME,
+        "JLAD_DEFAULT_MODEL": NAME,
+        "JLAD_PROVIDERS": "cpu",
+        "JLAD_INTRA_OP_THREADS": "1",
+        "JLAD_MAX_QUEUE": "1024",
+        "JLAD_LOG_LEVEL": "warning",
+    }
+    settings.update(extra)
+    return settings
+
+
+def run_local(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with Stack(out / "logs" / "local") as stack:
+        api, url = stack.api("api-local", null_settings(model_dir, JLAD_QUEUE="local"))
+        for endpoint, response in (c.split("-") for c in args.cases):
+            payload = build_payload(endpoint, response)
+            key = f"{endpoint}-{response}"
+            one = level(url, url, payload, out / "wrk", 1, args.seconds, args.warmup)
+            levels = [
+                level(url, url, payload, out / "wrk", c, args.seconds, args.warmup)
+                for c in args.concurrency
+            ]
+            best = max(levels, key=lambda f: f["ok_rps"])
+            results[key] = {"c1": one, "levels": levels, "saturation": best}
+            if args.profile and key == "landmarks-npz":
+                results[key]["profile"] = profile(api.pid, url, payload, out, best)
+    return results
+
+
+def profile(
+    pid: int, url: str, payload: Payload, out: Path, best: dict[str, Any]
+) -> dict[str, Any]:
+    """py-spy of the API process while wrk holds it at saturation."""
+    path = out / "profiles" / "api-landmarks-npz.txt"
+    recorder = start_recording(pid, 8, path)
+    run_wrk(url, payload, out / "wrk", connections=best["connections"], seconds=9)
+    recorder.wait(timeout=60)
+    try:
+        return top_frames(path.read_text(), limit=25)
+    except OSError as exc:
+        return {"error": str(exc)}
+
+
+def run_redis(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str, Any]:
+    """API processes 1, 2, 1 in front of one Redis queue worker, landmarks npz."""
+    payload = build_payload("landmarks", "npz")
+    runs: list[dict[str, Any]] = []
+    with Stack(out / "logs" / "redis") as stack:
+        redis_url = stack.redis()
+        queue = {"JLAD_QUEUE": "redis", "JLAD_REDIS_URL": redis_url}
+        _, worker_url = stack.worker("worker", null_settings(model_dir, **queue))
+        for index, processes in enumerate(args.api_processes):
+            with Stack(out / "logs" / "redis" / f"api-{index}-{processes}") as apis:
+                settings = null_settings(model_dir, **queue, JLAD_API_PROCESSES=str(processes))
+                _, url = apis.api(f"api-{processes}p", settings)
+                best = max(
+                    (
+                        level(url, worker_url, payload, out / "wrk", c, args.seconds, args.warmup)
+                        for c in args.redis_concurrency
+                    ),
+                    key=lambda f: f["ok_rps"],
+                )
+                runs.append({"api_processes": processes, "saturation": best})
+    ones = [r["saturation"]["ok_rps"] for r in runs if r["api_processes"] == 1]
+    twos = [r["saturation"]["ok_rps"] for r in runs if r["api_processes"] == 2]
+    ratio = (sum(twos) / len(twos)) / (sum(ones) / len(ones)) if ones and twos else None
+    return {"runs": runs, "two_over_one": ratio}
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [
+        "| case | c=1 p50 ms | c=1 mean ms | c=1 batch ms | c=1 overhead ms | saturation "
+        "req/s (c) | p99 ms at saturation |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, r in results.get("local", {}).items():
+        one, sat = r["c1"], r["saturation"]
+        lines.append(
+            f"| {key} | {one['p50_us'] / 1000:.2f} | {one['mean_us'] / 1000:.2f} | "
+            f"{one.get('batch_mean_ms') or 0:.2f} | {one.get('overhead_ms') or 0:.2f} | "
+            f"{sat['ok_rps']:.0f} ({sat['connections']}) | {sat['p99_us'] / 1000:.1f} |"
+        )
+    targets = []
+    local = results.get("local", {}).get("landmarks-npz")
+    if local:
+        rps = local["saturation"]["ok_rps"]
+        verdict = "pass" if rps >= ONE_PROCESS_TARGET_RPS else "miss"
+        targets.append(
+            f"| one API process, landmarks npz | {rps:.0f} req/s | >= "
+            f"{ONE_PROCESS_TARGET_RPS:.0f} | {verdict} |"
+        )
+    redis = results.get("redis")
+    if redis:
+        for r in redis["runs"]:
+            lines.append(
+                f"| redis, {r['api_processes']} API process(es), landmarks-npz | | | | | "
+                f"{r['saturation']['ok_rps']:.0f} ({r['saturation']['connections']}) | "
+                f"{r['saturation']['p99_us'] / 1000:.1f} |"
+            )
+        ratio = redis["two_over_one"]
+        if ratio is not None:
+            verdict = "pass" if ratio >= SCALING_TARGET else "miss"
+            targets.append(
+                f"| 2 API processes / 1 (Redis queue) | {ratio:.2f} | >= {SCALING_TARGET} | "
+                f"{verdict} |"
+            )
+    if targets:
+        lines += ["", "| target | measured | limit | result |", "|---|---:|---:|---|", *targets]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/ceiling"))
+    parser.add_argument("--scenarios", default="local,redis")
+    parser.add_argument(
+        "--cases",
+        type=lambda text: text.split(","),
+        default=[f"{e}-{r}" for e, r in CASES],
+        help="local scenario: endpoint-answer pairs",
+    )
+    parser.add_argument("--concurrency", type=parse_int_list, default=[8, 32])
+    parser.add_argument("--redis-concurrency", type=parse_int_list, default=[32])
+    parser.add_argument("--api-processes", type=parse_int_list, default=[1, 2, 1])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--profile", action="store_true", help="py-spy the API (local)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    started = time.time()
+    model_dir = write_null_repository(args.out / "null-models")
+    results: dict[str, Any] = {
+        "machine": machine_info(),
+        "load_generator": subprocess.run(
+            [wrk_binary(), "-v"], capture_output=True, text=True
+        ).stdout.strip()
+        or "wrk",
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    scenarios = args.scenarios.split(",")
+    if "local" in scenarios:
+        results["local"] = run_local(args, model_dir, args.out)
+    if "redis" in scenarios:
+        results["redis"] = run_redis(args, model_dir, args.out)
+    results["seconds"] = round(time.time() - started, 1)
+    table = report(results)
+    write_json(args.out / "ceiling.json", results)
+    (args.out / "ceiling.md").write_text(table + "\n")
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
