@@ -113,6 +113,14 @@ def evaluate_pfwillow(
         per_class[category] = {
             m: {k: mean([p[m][k] for p in chosen]) for k in keys} for m in METHODS
         }
+        log.info(
+            "pfwillow %-14s %s",
+            category,
+            "  ".join(
+                f"{m} " + "/".join(f"{per_class[category][m][k]:.3f}" for k in keys)
+                for m in METHODS
+            ),
+        )
     summary = {m: {k: mean([per_class[c][m][k] for c in per_class]) for k in keys} for m in METHODS}
     all_pairs = {m: {k: mean([p[m][k] for p in pairs]) for k in keys} for m in METHODS}
     return {
