@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from jlad_client.masks import propagate_mask
+from jlad_client.masks import propagate_mask, reliable_fraction
 from numpy.typing import NDArray
 
 from service import fields, rendering
@@ -179,5 +179,5 @@ def propagate_one(
         keep_if_neighbours_agree=opts.keep_if_neighbours_agree,
     )
     out = Mask(np.asarray(labels, mask.labels.dtype), mask.palette)
-    reliable = float(np.mean(conf >= opts.min_confidence))
+    reliable = reliable_fraction(conf, opts.min_confidence)
     return encode_mask_png(out), [int(v) for v in np.unique(labels)], reliable, out.labels
