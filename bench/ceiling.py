@@ -96,7 +96,8 @@ def run_wrk(
     body.write_bytes(payload.body)
     script = work / "post.lua"
     script.write_text(WRK_SCRIPT)
-    argv = [wrk_binary(), "-t", "1", "-c", str(connections), "-d", f"{seconds:g}s"]
+    # wrk takes whole seconds
+    argv = [wrk_binary(), "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s"]
     argv += ["--timeout", "10s", "-s", str(script), url + payload.path]
     env = {
         "JLAD_WRK_BODY": str(body),

@@ -3,7 +3,11 @@
 # process, no batching, Redis queue, open-loop load) with the CUDA execution provider, once
 # with the fp32 graphs and once with the fp16 graphs. Results go to $OUT (default
 # runs/bench-gpu): $OUT/fp32/ and $OUT/fp16/ (results.json, report.md, PNG plots, logs), plus
-# nvidia-smi.txt and environment.txt.
+# nvidia-smi.txt and environment.txt. Then the service's own ceiling (bench/ceiling.py: the
+# `null` model, wrk as the client, 1 and 2 API processes on the Redis queue) in
+# $OUT/ceiling/: on a GPU the model is fast, so this is where the service becomes the limit.
+# int8 graphs are for CPUs (ONNX Runtime's QDQ kernels); on GPUs the reduced precision is fp16,
+# so PRECISIONS may not name int8 here (run `bench.raw_onnx --compare-precision int8` on CPU).
 #
 # Needs, on the GPU machine: the venv with onnxruntime-gpu instead of onnxruntime
 #   (.venv/bin/pip uninstall -y onnxruntime && .venv/bin/pip install -e '.[serve,gpu]'),
@@ -14,6 +18,7 @@
 #   OUT=/tmp/gpu QUICK=1 bench/gpu.sh         # smoke run, a minute
 #   PRECISIONS=fp16 bench/gpu.sh              # one precision only
 #   PROVIDERS=cpu QUICK=1 bench/gpu.sh        # try the script itself on a CPU machine
+#   CEILING=0 bench/gpu.sh                    # without the null-model ceiling (needs wrk)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -31,6 +36,14 @@ CONCURRENCY=${CONCURRENCY:-1,2,4,8,16,32,64}
 PAIR_CONCURRENCY=${PAIR_CONCURRENCY:-1,2,4,8,16,32}
 SHORT_CONCURRENCY=${SHORT_CONCURRENCY:-1,8,32}
 SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-8}
+CEILING=${CEILING:-1}
+
+case " $PRECISIONS " in
+    *" int8 "*) if [ "$PROVIDERS" != cpu ]; then
+        echo "bench/gpu.sh: int8 is CPU-only (fp16 is the GPU variant); drop it from PRECISIONS." >&2
+        exit 2
+    fi ;;
+esac
 
 mkdir -p "$OUT"
 if [ "$PROVIDERS" = cuda ] && ! "$PY" -c 'import onnxruntime as ort, sys; sys.exit("CUDAExecutionProvider" not in ort.get_available_providers())'; then
@@ -72,5 +85,19 @@ for precision in $PRECISIONS; do
         --providers "$PROVIDERS" --precision "$precision" --threads 0 \
         || status=$?
 done
-echo "results under $OUT/{$(echo $PRECISIONS | tr ' ' ,)}/report.md" >&2
+if [ "$CEILING" = 1 ]; then
+    echo "== ceiling (null model) ==" >&2
+    if command -v wrk > /dev/null; then
+        ceiling=(--out "$OUT/ceiling")
+        if [ -n "${QUICK:-}" ]; then
+            ceiling+=(--cases landmarks-npz --concurrency 8 --redis-concurrency 8 --seconds 1 --warmup 1)
+        else
+            ceiling+=(--concurrency 8,32,64 --redis-concurrency 32,64)
+        fi
+        "$PY" -m bench.ceiling "${ceiling[@]}" || status=$?
+    else
+        echo "bench/gpu.sh: wrk not installed (apt-get install wrk); ceiling skipped." >&2
+    fi
+fi
+echo "results under $OUT/{$(echo $PRECISIONS | tr ' ' ,)}/report.md and $OUT/ceiling/ceiling.md" >&2
 exit $status

@@ -525,7 +525,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path]:
     add("--quick", action="store_true", help="smoke run of every path; figures meaningless")
     add("--model-dir", type=Path, help=f"model repository (default {defaults.model_dir})")
     add("--model", help=f"model to benchmark (default {defaults.model})")
-    add("--precision", choices=["fp32", "fp16"], help="graph variant (default fp32)")
+    add("--precision", choices=["fp32", "fp16", "int8"], help="graph variant (default fp32)")
     add("--providers", help="as JLAD_PROVIDERS: cpu (default), cuda or auto")
     add("--threads", type=int, help=f"intra-op threads, 0 = ORT's (default {defaults.threads})")
     add("--max-batch-size", type=int, help=f"default {defaults.max_batch_size}")

@@ -139,8 +139,15 @@ def _open_checked(data: bytes, limits: ImageLimits, what: str) -> Image.Image:
     return _apply_exif_orientation(image)
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:
     try:
+        # exif_transpose copies the whole image even when there is nothing to turn
+        # (most uploads): look at the tag first.
+        if image.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+            return image
         oriented = ImageOps.exif_transpose(image)
     except Exception:  # a damaged EXIF block should not cost the user the image
         log.warning("ignoring unreadable EXIF orientation", exc_info=True)
@@ -168,6 +175,8 @@ def _to_rgb8(image: Image.Image, what: str) -> RGB8:
             rgba = image.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = Image.alpha_composite(white, rgba)
+        if mode == "RGB":  # convert() would copy it
+            return np.asarray(image, np.uint8)
         return np.asarray(image.convert("RGB"), np.uint8)
     except ValueError:
         raise Problem(UNSUPPORTED_IMAGE, f"{what}: colour mode {mode} is not supported") from None
@@ -224,7 +233,10 @@ def to_model_input(rgb: RGB8, height: int, width: int) -> NDArray[np.float32]:
     The model sees the whole image squashed to its fixed input size; normalised coordinates
     then map back to the original image by its own width and height.
     """
-    image = Image.fromarray(rgb)
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
-    return np.ascontiguousarray(np.asarray(image, np.float32).transpose(2, 0, 1) / 255.0)
+    if rgb.shape[:2] != (height, width):
+        image = Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR)
+        rgb = np.asarray(image)
+    # one pass from uint8 (H, W, 3) to float32 (3, H, W): no float64 or HWC float copies
+    out = np.empty((3, height, width), np.float32)
+    np.divide(rgb.transpose(2, 0, 1), np.float32(255.0), out=out)
+    return out

@@ -154,6 +154,17 @@ async def in_thread(state: ServiceState, fn: Callable[[], Any]) -> Any:
     return await anyio.to_thread.run_sync(fn, limiter=state.cpu_limiter)
 
 
+# Uploads up to this size (a 256x256 JPEG is ~20 kB) decode in about a millisecond: on the
+# event loop that is cheaper than the two thread hand-offs of `in_thread`, which on a busy
+# machine each wait for a core (bench/ceiling.py). Larger ones decode on a worker thread.
+INLINE_DECODE_BYTES = 64 * 1024
+
+
+async def decode_in_place(state: ServiceState, fn: Callable[[], Any], nbytes: int) -> Any:
+    """`fn()` (a decode of `nbytes` of uploads): inline when small, else on a worker thread."""
+    return fn() if nbytes <= INLINE_DECODE_BYTES else await in_thread(state, fn)
+
+
 # Up to this many bytes of arrays, writing an (uncompressed) npz answer on the event loop
 # costs less than the two thread hand-offs of `in_thread` (bench/ceiling.py profile).
 INLINE_NPZ_BYTES = 1 << 20
@@ -328,8 +339,10 @@ async def landmarks(
     state.require_ready()
     output = negotiate(request.headers.get("accept"), output_offers(opts.view is not None))
     decode_start = time.perf_counter()
-    image: Decoded = await in_thread(
-        state, partial(decode_for_model, body.files["image"], limits_of(state), info, "image")
+    image: Decoded = await decode_in_place(
+        state,
+        partial(decode_for_model, body.files["image"], limits_of(state), info, "image"),
+        len(body.files["image"]),
     )
     decode_ms = (time.perf_counter() - decode_start) * 1000
     job = InferenceJob(
@@ -409,7 +422,8 @@ async def correspond(
         )
 
     decode_start = time.perf_counter()
-    source, target = await in_thread(state, decode_both)
+    uploads = len(body.files["source"]) + len(body.files["target"])
+    source, target = await decode_in_place(state, decode_both, uploads)
     decode_ms = (time.perf_counter() - decode_start) * 1000
     if opts.points:
         check_points(np.asarray(opts.points, np.float64).reshape(-1, 2), source.size)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -381,3 +382,106 @@ def test_pyspy_profiles_a_python_process(tmp_path: Path) -> None:
     profile = pyspy.top_frames((tmp_path / "busy.txt").read_text())
     assert profile["samples"] > 0
     assert any("<module>" in row["frame"] for row in profile["top"])
+
+
+# -- issue 16: null model, service ceiling, precision comparison --------------------------
+
+
+def test_null_model_keeps_the_real_io_contract(tmp_path: Path) -> None:
+    """The bench's `null` model loads like any exported model and answers in the contract's
+    shapes: heat maps that are distributions, soft-argmax points, the identity mapping."""
+    from bench.null_model import write_null_repository
+    from service.jobs import InferenceJob
+    from service.runtime import InferenceEngine, find_models
+
+    repo = write_null_repository(tmp_path, size=(64, 96), stride=8, channels=4, num_landmarks=3)
+    infos = find_models(repo)
+    assert list(infos) == ["null"] and infos["null"].grid_size == (8, 12)
+    engine = InferenceEngine.load(
+        infos, precision="fp32", providers="cpu", allow_cpu_fallback=False
+    )
+    images = np.random.default_rng(0).random((2, 3, 64, 96), dtype=np.float32)
+    (result,) = engine.run_batch([InferenceJob("null", images, landmarks=[0], pairs=[(0, 1)])])
+    lm, al = result.landmarks[0], result.alignments[0]
+    assert lm.heatmaps.shape == (3, 8, 12) and lm.points.shape == (3, 2)
+    np.testing.assert_allclose(lm.heatmaps.sum(axis=(1, 2)), 1.0, atol=1e-5)
+    assert np.all(np.abs(lm.points) < 1)
+    xs = (np.arange(12) + 0.5) / 12 * 2 - 1
+    np.testing.assert_allclose(al.mapping[0], np.broadcast_to(xs, (8, 12)), atol=1e-6)
+    assert al.confidence.shape == (8, 12) and np.all((al.confidence > 0) & (al.confidence < 1))
+
+
+def test_wrk_summary_is_parsed_into_successful_answers_per_second() -> None:
+    from bench.ceiling import parse_wrk
+
+    output = (
+        "Running 2s test @ http://127.0.0.1:1/landmarks\n"
+        'JLAD_WRK {"requests": 500, "duration_us": 2000000, "status_errors": 20, '
+        '"connect_errors": 0, "read_errors": 5, "timeouts": 25, "mean_us": 1500.0, '
+        '"p50_us": 1200, "p90_us": 2500, "p99_us": 9000, "max_us": 12000}\n'
+    )
+    figures = parse_wrk(output)
+    assert figures["ok"] == 450
+    assert figures["ok_rps"] == pytest.approx(225.0)
+    with pytest.raises(RuntimeError, match="no summary"):
+        parse_wrk("wrk: connection refused")
+
+
+def test_precision_table_marks_the_speed_up_target() -> None:
+    from bench.raw_onnx import precision_table
+
+    rows = [
+        {
+            "endpoint": "landmarks",
+            "batch": 8,
+            "base": "fp32",
+            "other": "int8",
+            "base_items_per_s": 2.0,
+            "other_items_per_s": 4.0,
+            "speed_up": 2.0,
+            "rates": {"fp32": [2.0], "int8": [4.0]},
+        },
+        {
+            "endpoint": "correspond",
+            "batch": 4,
+            "base": "fp32",
+            "other": "int8",
+            "base_items_per_s": 2.0,
+            "other_items_per_s": 3.0,
+            "speed_up": 1.5,
+            "rates": {"fp32": [2.0], "int8": [3.0]},
+        },
+    ]
+    lines = precision_table(rows, 1.6).splitlines()
+    assert lines[2].endswith(">= 1.6: pass |") and lines[3].endswith(">= 1.6: miss |")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk)")
+def test_ceiling_runs_wrk_against_a_real_service_with_the_null_model(tmp_path: Path) -> None:
+    """bench.ceiling end to end, tiny: a real `python -m service` on the null model, wrk as
+    the client, answers counted from wrk's summary, batches from the process's /metrics."""
+    from bench.ceiling import main as ceiling_main
+
+    results = ceiling_main(
+        [
+            "--out",
+            str(tmp_path),
+            "--scenarios",
+            "local",
+            "--cases",
+            "landmarks-npz",
+            "--concurrency",
+            "4",
+            "--seconds",
+            "1",
+            "--warmup",
+            "0.5",
+        ]
+    )
+    case = results["local"]["landmarks-npz"]
+    assert case["c1"]["ok"] > 0 and case["c1"]["requests"] == case["c1"]["ok"]
+    assert case["c1"]["batch_mean_ms"] is not None
+    assert case["saturation"]["ok_rps"] > 0
+    assert (tmp_path / "ceiling.md").read_text().startswith("| case |")
+    assert not list((tmp_path / "null-models").glob("*/*/int8"))
