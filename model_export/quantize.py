@@ -5,8 +5,8 @@ real images.
         --calibration ../shared/data/caltech101 --images 256
 
 (`python -m model_export.export ... --calibration NAME=PATH` calls this for every model it
-exports.) For each of the three graphs of `<model-root>/fp32/` it writes
-`<model-root>/int8/<graph>.onnx`:
+exports; run alone, it re-quantizes an exported model and updates its manifest.) For each
+of the three graphs of `<model-root>/fp32/` it writes `<model-root>/int8/<graph>.onnx`:
 
 - activations uint8 (asymmetric, per tensor, ranges from min/max over the calibration set)
   and weights int8 (symmetric, per output channel): U8S8, which ONNX Runtime's x86 kernels
@@ -392,6 +392,16 @@ def main(argv: list[str] | None = None) -> None:
     size = (int(manifest["input"]["height"]), int(manifest["input"]["width"]))
     grid = (int(manifest["features"]["height"]), int(manifest["features"]["width"]))
     report = quantize_model(args.model_root, size, grid, args.calibration, args.images)
+    # list the new variant in the manifest, as the export does
+    from model_export.export import PARITY, sha256
+
+    manifest["variants"]["int8"] = {
+        g: {"path": f"int8/{g}.onnx", "sha256": sha256(args.model_root / "int8" / f"{g}.onnx")}
+        for g in GRAPH_NAMES
+    }
+    manifest.setdefault("parity", {})["int8"] = PARITY["int8"]
+    manifest["quantization"] = report
+    (args.model_root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     print(json.dumps(report, indent=2))
 
 
