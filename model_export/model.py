@@ -36,17 +36,28 @@ class ModelConfig:
     backbone_weights: str | None = None
     # Neighbourhood consensus on the cross-similarity before W_A (similarity.py).
     consensus: bool = True
+    # The backbone blocks forming the hypercolumn (None: the backbone's default taps). A
+    # stride-4 first tap (Lite0 block 2) doubles the grid's resolution.
+    taps: tuple[int, ...] | None = None
+    # Cost knobs (defaults = the first committed models): the adapter's residual MLP, the
+    # width of W_A/W_C (0: head_width) and a 1x1 reduction before W_D's 3x3 convolutions.
+    adapter_refine: bool = True
+    align_width: int = 0
+    landmark_reduce: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         if "input_size" in known:
             known["input_size"] = tuple(known["input_size"])
+        if known.get("taps") is not None:
+            known["taps"] = tuple(known["taps"])
         return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["input_size"] = list(self.input_size)
+        out["taps"] = list(self.taps) if self.taps is not None else None
         return out
 
 
@@ -60,7 +71,9 @@ class FeatureAdapter(nn.Module):
     untrained model matches like the frozen backbone does.
     """
 
-    def __init__(self, cin: int, cout: int, groups: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self, cin: int, cout: int, groups: tuple[int, ...] | None = None, refine: bool = True
+    ) -> None:
         super().__init__()
         groups = groups or (cin,)
         if sum(groups) != cin:
@@ -79,11 +92,16 @@ class FeatureAdapter(nn.Module):
             nn.init.eye_(self.project.weight[:, :, 0, 0])
         else:
             nn.init.orthogonal_(self.project.weight)
-        self.refine = nn.Sequential(
-            nn.Conv2d(cout, cout, 1), nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 1)
-        )
-        nn.init.zeros_(self.refine[2].weight)
-        nn.init.zeros_(self.refine[2].bias)
+        # Without `refine` the adapter is a per-depth gain and one linear projection: the
+        # residual MLP cost about as much as the trunk (2 x C^2 per cell at stride 8).
+        self.refine: nn.Module | None = None
+        if refine:
+            mlp = nn.Sequential(
+                nn.Conv2d(cout, cout, 1), nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 1)
+            )
+            nn.init.zeros_(mlp[2].weight)
+            nn.init.zeros_(mlp[2].bias)
+            self.refine = mlp
 
     def gains(self) -> Tensor:
         """The weight of each depth, (groups,)."""
@@ -92,7 +110,9 @@ class FeatureAdapter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         scale = (self.gains() @ self.membership).view(1, -1, 1, 1)
         y = self.project(x * scale)
-        return l2_normalise(y + self.refine(y))
+        if self.refine is not None:
+            y = y + self.refine(y)
+        return l2_normalise(y)
 
 
 class JLAD(nn.Module):
@@ -106,6 +126,7 @@ class JLAD(nn.Module):
             weights=config.backbone_weights,
             pretrained=pretrained,
             hypercolumn=config.hypercolumn,
+            taps=config.taps,
         )
         self.backbone.requires_grad_(False)
         h, w = config.input_size
@@ -113,7 +134,10 @@ class JLAD(nn.Module):
             raise ValueError(f"input size {h}x{w} must be a multiple of 32")
         self.grid_size = (h // self.backbone.stride, w // self.backbone.stride)
         self.adapter = FeatureAdapter(
-            self.backbone.out_channels, config.feature_dim, self.backbone.channel_groups
+            self.backbone.out_channels,
+            config.feature_dim,
+            self.backbone.channel_groups,
+            refine=config.adapter_refine,
         )
         self.detector = LandmarkDetector(
             config.feature_dim,
@@ -121,9 +145,10 @@ class JLAD(nn.Module):
             config.selfsim_radius,
             config.head_width,
             config.landmark_uses_features,
+            reduce=config.landmark_reduce,
         )
         self.aligner = SemanticAligner(
-            self.grid_size, config.head_width, consensus=config.consensus
+            self.grid_size, config.align_width or config.head_width, consensus=config.consensus
         )
         # Frozen from the start: a module is built in training mode, and BatchNorm would
         # otherwise use batch statistics (and drift its running ones) in the first

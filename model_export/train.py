@@ -38,7 +38,14 @@ from model_export import losses
 from model_export.checkpoint import save_checkpoint
 from model_export.data import MTFLFaces, list_images, load_image, split_indices
 from model_export.model import JLAD, ModelConfig
-from model_export.warps import SyntheticPair, WarpConfig, make_synthetic_pair, warp_feature_pair
+from model_export.warps import (
+    SyntheticPair,
+    WarpConfig,
+    make_synthetic_pair,
+    random_views,
+    view_pair_mapping,
+    warp_feature_pair,
+)
 
 log = logging.getLogger("jlad.train")
 
@@ -110,6 +117,50 @@ def cache_backbone_features(model: JLAD, images: Tensor, batch: int = 16) -> Ten
     for start in tqdm(range(0, len(images), batch), desc="cache backbone features", unit="batch"):
         out.append(model.backbone_features(images[start : start + batch]).half())
     return torch.cat(out)
+
+
+@dataclass
+class ViewBank:
+    """Frozen-backbone features of `V` random affine views of every training image.
+
+    features (N, V, C0, h, w) float16, view 0 the image itself; affines (N, V, 2, 3) map view
+    pixels to image points. Any two views of one image form a synthetic pair with an exact
+    mapping, so the backbone runs once per view rather than twice per training step.
+    """
+
+    features: Tensor
+    affines: Tensor
+
+    def pair(self, index: Tensor, gen: torch.Generator) -> SyntheticPair:
+        """Synthetic pairs (two different random views) of the images `index` (B,)."""
+        views = self.features.shape[1]
+        first = torch.randint(views, index.shape, generator=gen)
+        second = (first + torch.randint(1, views, index.shape, generator=gen)) % views
+        grid_size = (int(self.features.shape[-2]), int(self.features.shape[-1]))
+        mapping, valid = view_pair_mapping(
+            self.affines[index, first], self.affines[index, second], grid_size
+        )
+        source = self.features[index, first].float()
+        target = self.features[index, second].float()
+        return SyntheticPair(source, target, mapping.permute(0, 2, 3, 1), mapping, valid)
+
+
+@torch.no_grad()
+def cache_view_features(
+    model: JLAD, images: Tensor, views: int, warp: WarpConfig, gen: torch.Generator, batch: int = 8
+) -> ViewBank:
+    """Build the `ViewBank` of `images` (N, 3, H, W): `views` views each (view 0 unwarped)."""
+    features: Tensor | None = None
+    affines = torch.empty(len(images), views, 2, 3)
+    for start in tqdm(range(0, len(images), batch), desc="cache view features", unit="batch"):
+        chunk, chunk_affines = random_views(images[start : start + batch], views, warp, gen)
+        out = model.backbone_features(chunk.flatten(0, 1)).half()
+        if features is None:
+            features = torch.empty(len(images), views, *out.shape[1:], dtype=torch.float16)
+        features[start : start + len(chunk)] = out.unflatten(0, (len(chunk), views))
+        affines[start : start + len(chunk)] = chunk_affines
+    assert features is not None
+    return ViewBank(features, affines)
 
 
 def sample_pairs(groups: Tensor, batch: int, rng: random.Random) -> tuple[list[int], list[int]]:
@@ -241,7 +292,9 @@ def landmark_step_synthetic(
     ls = model.landmarks(terms.features(model.adapt(pair.source)))
     lt = model.landmarks(terms.features(model.adapt(pair.target)))
     landmark = terms(ls) + terms(lt)
-    joint = losses.joint_loss(ls["points"], lt["points"], pair.mapping)
+    # c_k = whether the source landmark's true match lies inside the target: a landmark on a
+    # part the other view cut off has nowhere to go.
+    joint = losses.joint_loss(ls["points"], lt["points"], pair.mapping, pair.valid)
     lam = losses.LANDMARK_SIDE
     return {
         "total": lam.landmark * landmark + lam.joint * joint,
@@ -328,6 +381,28 @@ def run_training(
         rng.setstate(saved["rng"])
         gen.set_state(saved["gen"])
         log.info("resumed at stage %d iteration %d", state.stage, state.iteration)
+    warp = WarpConfig(**config.get("warp", {}))
+    # `synthetic_space`: `views` (cached features of random affine views: no backbone pass
+    # per step), `images` (warp the images and rerun the backbone every step, as specified)
+    # or `features` (warp cached feature maps: cheapest, least faithful).
+    space = config.get("synthetic_space", "features")
+    if space not in ("features", "images", "views"):
+        raise ValueError(f"synthetic_space must be features, images or views, got {space!r}")
+    bank: ViewBank | None = None
+    if space == "views":
+        bank_path = out / "views_cache.pt"
+        if resume and bank_path.exists():
+            saved_bank = torch.load(bank_path, map_location="cpu", weights_only=True)
+            bank = ViewBank(saved_bank["features"], saved_bank["affines"])
+            log.info("reusing cached view features %s", tuple(bank.features.shape))
+        else:
+            assert data is not None
+            views = int(config.get("views_per_image", 4))
+            bank_gen = torch.Generator().manual_seed(seed + 1)
+            bank = cache_view_features(model, data.images, views, warp, bank_gen)
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save({"features": bank.features, "affines": bank.affines}, bank_path)
+        cached = bank.features[:, 0]
     cache_path = out / "features_cache.pt"
     if cached is None and resume and cache_path.exists():
         cached = torch.load(cache_path, map_location="cpu", weights_only=True)
@@ -339,7 +414,6 @@ def run_training(
         torch.save(cached, cache_path)
     assert data is not None
     groups = data.groups
-    warp = WarpConfig(**config.get("warp", {}))
     terms = LandmarkTerms(**config.get("landmark_loss", {}))
     ablation = Ablation(**config.get("ablation", {}))
     # Whether synthetic pairs may move the adapter. Warps of one image teach instance-level
@@ -347,11 +421,6 @@ def run_training(
     # adapted features PCK@0.1 0.44 -> 0.43 with, 0.53 without synthetic updates), so the
     # objects config leaves the adapter to the real same-class pairs.
     synthetic_features = bool(config.get("synthetic_updates_features", True))
-    # `synthetic_space: images` warps the images and reruns the backbone (as specified);
-    # `features` (the CPU default for the big runs) warps the cached feature maps.
-    space = config.get("synthetic_space", "features")
-    if space not in ("features", "images"):
-        raise ValueError(f"synthetic_space must be 'features' or 'images', got {space!r}")
     warp_images = data.images if space == "images" else None
     batch = int(config.get("batch_size", 8))
     stages = config["stages"]
@@ -377,7 +446,10 @@ def run_training(
                 continue
             if stage.get("data", "synthetic") == "synthetic":
                 idx = torch.randint(len(cached), (batch,), generator=gen)
-                pair = synthetic_feature_pair(model, idx, cached, warp_images, warp, gen)
+                if bank is not None:
+                    pair = bank.pair(idx, gen)
+                else:
+                    pair = synthetic_feature_pair(model, idx, cached, warp_images, warp, gen)
                 if step_kind == "align":
                     metrics = align_step_synthetic(model, pair, ablation, synthetic_features)
                 else:

