@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model_export.geometry import cell_centres
-from model_export.geometry import warp_by_mapping
+from model_export.geometry import cell_centres, warp_by_mapping
 from model_export.warps import (
     WarpConfig,
     apply_affine,
