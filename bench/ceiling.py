@@ -13,7 +13,8 @@ only client, so the Python API processes are what saturates. Scenarios, in order
    model): per endpoint / answer format (landmarks npz, landmarks JSON, correspond npz), a
    level at concurrency 1 (latency; overhead = mean latency - mean batch run time from the
    process's own /metrics) and closed-loop levels at `--concurrency` (best = saturation).
-2. `redis`: a private redis-server, one queue worker, and the API with
+2. `redis`: a private redis-server, `--workers` queue workers (2: one worker alone was the
+   limit at ~180 req/s), and the API with
    JLAD_API_PROCESSES=1, then 2, then 1 again (the bracket): landmarks npz at saturation;
    target: 2 processes >= 1.6x the mean of the two 1-process runs.
 
@@ -203,13 +204,18 @@ def profile(
 
 
 def run_redis(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str, Any]:
-    """API processes 1, 2, 1 in front of one Redis queue worker, landmarks npz."""
+    """API processes 1, 2, 1 in front of `--workers` Redis queue workers, landmarks npz."""
     payload = build_payload("landmarks", "npz")
     runs: list[dict[str, Any]] = []
     with Stack(out / "logs" / "redis") as stack:
         redis_url = stack.redis()
         queue = {"JLAD_QUEUE": "redis", "JLAD_REDIS_URL": redis_url}
-        _, worker_url = stack.worker("worker", null_settings(model_dir, **queue))
+        # batches are counted on the first worker's /metrics only (the overhead column)
+        worker_urls = [
+            stack.worker(f"worker-{i}", null_settings(model_dir, **queue))[1]
+            for i in range(args.workers)
+        ]
+        worker_url = worker_urls[0]
         for index, processes in enumerate(args.api_processes):
             with Stack(out / "logs" / "redis" / f"api-{index}-{processes}") as apis:
                 settings = null_settings(model_dir, **queue, JLAD_API_PROCESSES=str(processes))
@@ -283,6 +289,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--concurrency", type=parse_int_list, default=[8, 32])
     parser.add_argument("--redis-concurrency", type=parse_int_list, default=[32])
     parser.add_argument("--api-processes", type=parse_int_list, default=[1, 2, 1])
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="queue workers (one null-model worker tops out near the API's rate)",
+    )
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--profile", action="store_true", help="py-spy the API (local)")
@@ -293,10 +305,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_dir = write_null_repository(args.out / "null-models")
     results: dict[str, Any] = {
         "machine": machine_info(),
-        "load_generator": subprocess.run(
-            [wrk_binary(), "-v"], capture_output=True, text=True
-        ).stdout.strip()
-        or "wrk",
+        "load_generator": (
+            subprocess.run([wrk_binary(), "-v"], capture_output=True, text=True).stdout or "wrk"
+        ).splitlines()[0],
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     scenarios = args.scenarios.split(",")
