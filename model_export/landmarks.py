@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from model_export.geometry import cell_centres
-from model_export.similarity import self_similarity
+from model_export.similarity import l2_normalise, self_similarity
 
 
 def spatial_softmax(logits: Tensor) -> Tensor:
@@ -70,10 +70,17 @@ class LandmarkDetector(nn.Module):
         width: int = 128,
         use_features: bool = True,
         reduce: bool = False,
+        selfsim_dim: int = 0,
     ) -> None:
         super().__init__()
         self.radius = radius
         self.use_features = use_features
+        # `selfsim_dim`: eq. 1's self-similarity on a learned projection of the features to
+        # this many channels (0: on the features themselves). Its (2r+1)^2 shifted products
+        # over all C channels were most of W_D's training time (forward and backward).
+        self.selfsim_project: nn.Module | None = None
+        if selfsim_dim:
+            self.selfsim_project = nn.Conv2d(feature_channels, selfsim_dim, 1, bias=False)
         cin = (2 * radius + 1) ** 2 + (feature_channels if use_features else 0)
         # `reduce`: a 1x1 convolution to `width` channels first. The 3x3 convolution over the
         # (2r+1)^2 + C input channels cost ~9x as much and made W_D dearer than the trunk.
@@ -90,7 +97,10 @@ class LandmarkDetector(nn.Module):
         self.num_landmarks = num_landmarks
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
-        x = self_similarity(features, self.radius)
+        shape = features
+        if self.selfsim_project is not None:
+            shape = l2_normalise(self.selfsim_project(features))
+        x = self_similarity(shape, self.radius)
         if self.use_features:
             x = torch.cat([x, features], dim=1)
         heatmaps = spatial_softmax(self.head(self.body(x)))

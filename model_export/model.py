@@ -44,6 +44,7 @@ class ModelConfig:
     adapter_refine: bool = True
     align_width: int = 0
     landmark_reduce: bool = False
+    selfsim_dim: int = 0  # W_D's self-similarity on a learned projection (0: the features)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -146,6 +147,7 @@ class JLAD(nn.Module):
             config.head_width,
             config.landmark_uses_features,
             reduce=config.landmark_reduce,
+            selfsim_dim=config.selfsim_dim,
         )
         self.aligner = SemanticAligner(
             self.grid_size, config.align_width or config.head_width, consensus=config.consensus

@@ -375,8 +375,14 @@ def run_training(
     state_path = out / "train_state.pt"
     if resume and state_path.exists():
         saved = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(saved["model"], strict=False)
-        optimizer.load_state_dict(saved["optimizer"])
+        missing, _ = model.load_state_dict(saved["model"], strict=False)
+        missing = [k for k in missing if not k.startswith("backbone.")]
+        if missing:
+            # The config added parameters since the run stopped: they start fresh, and so
+            # does Adam's state (its per-parameter moments no longer line up).
+            log.warning("resuming without optimizer state: new parameters %s", missing[:4])
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
         state = TrainState(**saved["state"])
         rng.setstate(saved["rng"])
         gen.set_state(saved["gen"])

@@ -485,3 +485,41 @@ def test_ceiling_runs_wrk_against_a_real_service_with_the_null_model(tmp_path: P
     assert case["saturation"]["ok_rps"] > 0
     assert (tmp_path / "ceiling.md").read_text().startswith("| case |")
     assert not list((tmp_path / "null-models").glob("*/*/int8"))
+
+
+def test_cost_ratios_time_every_line_against_the_bare_trunk(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """One round, tiny time budget: the structure and the arithmetic of the ratios (the
+    figures themselves are for `make bench` on a quiet machine, not for a test)."""
+    from bench.cost_ratios import TARGETS
+    from bench.cost_ratios import main as cost_main
+
+    report = cost_main(
+        [
+            "--model-dir",
+            str(model_dir),
+            "--rounds",
+            "1",
+            "--seconds",
+            "0",
+            "--batch",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    ms = report["ms_per_call"]
+    assert {"trunk", "backbone", "landmarks", "align"} <= set(ms) and all(
+        v > 0 for v in ms.values()
+    )
+    ratios = report["ratios"]
+    assert set(ratios) == set(TARGETS) == set(report["met"])
+    assert ratios["backbone_over_trunk"] == pytest.approx(ms["backbone"] / ms["trunk"], rel=1e-2)
+    per_image = ms["trunk"] / 2
+    assert ratios["correspond_pair_over_trunk_image"] == pytest.approx(
+        (2 * ms["backbone"] + ms["align"]) / 2 / per_image, rel=1e-2
+    )
+    assert (tmp_path / "cost_objects_fp32.json").is_file()

@@ -21,8 +21,20 @@ torch.set_num_threads(2)
 
 def _model(size: int) -> JLAD:
     torch.manual_seed(size)
+    # The served architecture (configs/*.yaml), narrower: Lite2 hypercolumn, adapter without
+    # its MLP, 1x1-reduced W_D on a projected self-similarity, a narrower W_A.
     model = JLAD(
-        ModelConfig(input_size=(size, size), feature_dim=32, head_width=32, num_landmarks=5)
+        ModelConfig(
+            backbone="efficientnet_lite2",
+            input_size=(size, size),
+            feature_dim=32,
+            head_width=32,
+            align_width=16,
+            num_landmarks=5,
+            adapter_refine=False,
+            landmark_reduce=True,
+            selfsim_dim=16,
+        )
     )
     # a trained-like, non-zero residual so the whole W_A path is exercised
     with torch.no_grad():
