@@ -95,20 +95,36 @@ def concentration_loss(heatmaps: Tensor) -> Tensor:
     return torch.einsum("bkhw,bkhwc->bk", heatmaps, diff * diff).mean()
 
 
-def separation_loss(points: Tensor, margin: float = 0.05) -> Tensor:
+def separation_loss(points: Tensor, margin: float = 0.05, kind: str = "squared") -> Tensor:
     """Eq. 5, hinge embedding (separation): for every pair of different landmarks,
-    max(0, margin - ||p_k - p_k'||^2) in normalised coordinates, averaged over pairs."""
+    max(0, margin - ||p_k - p_k'||^2) in normalised coordinates, averaged over pairs.
+
+    kind="distance": max(0, sqrt(margin) - ||p_k - p_k'||) instead (same zero set). Choice:
+    the squared form's gradient vanishes as two points meet, so landmarks that have collapsed
+    onto one spot never part again (the first `objects` runs: all 10 on one keypoint); the
+    distance form pushes them apart with unit strength however close they are.
+    """
     k = points.shape[1]
     dist2 = (points[:, :, None] - points[:, None]).pow(2).sum(-1)
     off_diagonal = ~torch.eye(k, dtype=torch.bool, device=points.device)
-    return F.relu(margin - dist2)[:, off_diagonal].mean()
+    if kind == "squared":
+        return F.relu(margin - dist2)[:, off_diagonal].mean()
+    if kind == "distance":
+        return F.relu(margin**0.5 - (dist2 + 1e-6).sqrt())[:, off_diagonal].mean()
+    raise ValueError(f"separation kind must be 'squared' or 'distance', got {kind!r}")
 
 
 def landmark_loss(
-    heatmaps: Tensor, points: Tensor, margin: float = 0.05, separation_weight: float = 1.0
+    heatmaps: Tensor,
+    points: Tensor,
+    margin: float = 0.05,
+    separation_weight: float = 1.0,
+    separation: str = "squared",
 ) -> Tensor:
     """Eq. 6, landmark loss = concentration (eq. 4) + separation (eq. 5)."""
-    return concentration_loss(heatmaps) + separation_weight * separation_loss(points, margin)
+    return concentration_loss(heatmaps) + separation_weight * separation_loss(
+        points, margin, separation
+    )
 
 
 def joint_loss(

@@ -24,7 +24,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -274,13 +274,16 @@ class LandmarkTerms:
     # runs they reshaped the features until matching collapsed (PF-WILLOW PCK@0.1 0.44 ->
     # 0.15). The eq. 2-3 term of those steps (lambda_A = 1) still trains the adapter.
     update_features: bool = False
+    # eq. 5's form: `squared` (the hinge on squared distances) or `distance` (see
+    # losses.separation_loss: parts collapsed landmarks again).
+    separation: str = "squared"
 
     def features(self, features: Tensor) -> Tensor:
         return features if self.update_features else features.detach()
 
     def __call__(self, out: dict[str, Tensor]) -> Tensor:
         return losses.landmark_loss(
-            out["heatmaps"], out["points"], self.margin, self.separation_weight
+            out["heatmaps"], out["points"], self.margin, self.separation_weight, self.separation
         )
 
 
@@ -341,6 +344,23 @@ def joint_step(
         "alignment": alignment.detach(),
         "joint": joint.detach(),
     }
+
+
+def reset_modules(model: JLAD, names: list[str], seed: int) -> None:
+    """Re-initialise the heads `names` (`detector` = W_D, `aligner` = W_A + W_C) as their
+    constructors do (the adapter and the frozen backbone cannot be reset)."""
+    torch.manual_seed(seed)
+    for name in names:
+        if name not in ("detector", "aligner"):
+            raise ValueError(f"cannot reset {name!r}: only 'detector' and 'aligner'")
+        module = getattr(model, name)
+        for child in module.modules():
+            if child is not module and hasattr(child, "reset_parameters"):
+                child.reset_parameters()
+        if name == "aligner":
+            torch.nn.init.zeros_(model.aligner.residual.weight)
+            torch.nn.init.zeros_(model.aligner.residual.bias)
+        log.info("re-initialised %s", name)
 
 
 # --- loop ----------------------------------------------------------------------------------------
@@ -438,6 +458,15 @@ def run_training(
         if kind not in STAGE_KINDS:
             raise ValueError(f"stage kind {kind!r} not in {STAGE_KINDS}")
         total_its = int(stage["iterations"])
+        # Per-stage options: `landmark_loss` overrides the run's eq. 6 settings for this
+        # stage; `reset` re-initialises the named heads (e.g. [detector]) when the stage
+        # starts, so a stage can retrain one side from scratch on what the others learned.
+        stage_terms = replace(terms, **stage.get("landmark_loss", {}))
+        if state.iteration == 0 and stage.get("reset"):
+            reset_modules(model, list(stage["reset"]), seed + stage_index)
+            optimizer = torch.optim.Adam(
+                [p for p in model.parameters() if p.requires_grad], lr=float(config.get("lr", 5e-4))
+            )
         bar = tqdm(
             range(state.iteration, total_its),
             desc=stage["name"],
@@ -459,10 +488,10 @@ def run_training(
                 if step_kind == "align":
                     metrics = align_step_synthetic(model, pair, ablation, synthetic_features)
                 else:
-                    metrics = landmark_step_synthetic(model, pair, terms)
+                    metrics = landmark_step_synthetic(model, pair, stage_terms)
             else:
                 a, b = sample_pairs(groups, batch, rng)
-                metrics = joint_step(model, cached[a], cached[b], step_kind, terms, ablation)
+                metrics = joint_step(model, cached[a], cached[b], step_kind, stage_terms, ablation)
             optimizer.zero_grad(set_to_none=True)
             metrics["total"].backward()
             optimizer.step()

@@ -3,6 +3,7 @@ and gradients that reach what they should (and not the teacher side)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model_export import losses
@@ -76,6 +77,34 @@ def test_separation_loss_eq5() -> None:
     together = torch.zeros(1, 3, 2)
     assert float(losses.separation_loss(apart, margin=0.05)) == 0.0
     torch.testing.assert_close(losses.separation_loss(together, margin=0.05), torch.tensor(0.05))
+
+
+def test_separation_loss_eq5_distance_form() -> None:
+    apart = torch.tensor([[[-0.8, -0.8], [0.8, 0.8], [0.8, -0.8]]])
+    assert float(losses.separation_loss(apart, margin=0.05, kind="distance")) == 0.0
+    # two points 0.1 apart with margin 0.09 (sqrt 0.3): each ordered pair scores 0.3 - 0.1
+    pair = torch.tensor([[[0.0, 0.0], [0.1, 0.0]]])
+    torch.testing.assert_close(
+        losses.separation_loss(pair, margin=0.09, kind="distance"),
+        torch.tensor(0.2),
+        atol=1e-4,
+        rtol=0,
+    )
+    with pytest.raises(ValueError, match="separation kind"):
+        losses.separation_loss(pair, kind="cubic")
+
+
+def test_distance_separation_parts_points_the_squared_form_cannot() -> None:
+    """Nearly collapsed points: the squared hinge's gradient vanishes with the distance, the
+    distance hinge's does not (why the objects refit uses it)."""
+    grads = {}
+    for kind in ("squared", "distance"):
+        pts = torch.tensor([[[0.0, 0.0], [1e-3, 0.0]]], requires_grad=True)
+        losses.separation_loss(pts, margin=0.1, kind=kind).backward()
+        assert pts.grad is not None
+        grads[kind] = float(pts.grad.abs().max())
+        assert float(pts.grad[0, 0, 0]) > 0 > float(pts.grad[0, 1, 0])  # pushed apart
+    assert grads["squared"] < 1e-2 < 0.4 < grads["distance"]
 
 
 def test_landmark_loss_eq6_is_the_sum() -> None:

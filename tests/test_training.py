@@ -259,3 +259,43 @@ def test_landmark_training_spreads_points_that_follow_a_known_warp(tmp_path: Pat
     assert spread > 0.5  # normalised units: a quarter of the image side
     assert spread > 2 * spread0
     assert error < 0.5 * still
+
+
+def test_a_stage_can_reset_a_head_and_override_the_landmark_loss(tmp_path: Path) -> None:
+    """`reset: [detector]` re-initialises W_D when the stage starts (the aligner keeps what it
+    learned); `landmark_loss` overrides eq. 6 for that stage only."""
+    import copy
+
+    from model_export.train import reset_modules
+
+    images = _pictures(TRAIN_PICTURES[:3])
+    data = TrainingImages(images, torch.zeros(len(images), dtype=torch.long))
+    config = _config(iterations=3)
+    config["stages"] = [
+        *config["stages"],  # type: ignore[list-item]
+        {"name": "lm", "kind": "landmarks", "data": "synthetic", "iterations": 3},
+    ]
+    out = tmp_path / "ckpt"
+    trained = run_training(config, data, out)
+    expected = copy.deepcopy(trained)
+    reset_modules(expected, ["detector"], seed=0 + 2)  # the run's seed + the stage's index
+    config["stages"] = [
+        *config["stages"],
+        {
+            "name": "refit",
+            "kind": "landmarks",
+            "data": "synthetic",
+            "iterations": 0,
+            "reset": ["detector"],
+            "landmark_loss": {"separation": "distance"},
+        },
+    ]
+    refit = run_training(config, data, out, resume=True)
+    before, after = trained.trainable_state(), refit.trainable_state()
+    reset = expected.trainable_state()
+    detector = [k for k in after if k.startswith("detector.")]
+    assert all(torch.equal(after[k], reset[k]) for k in detector)
+    assert any(not torch.equal(after[k], before[k]) for k in detector)
+    assert all(torch.equal(before[k], after[k]) for k in after if not k.startswith("detector."))
+    with pytest.raises(ValueError, match="only 'detector' and 'aligner'"):
+        reset_modules(refit, ["adapter"], 0)
