@@ -296,8 +296,11 @@ def landmark_step_synthetic(
     lt = model.landmarks(terms.features(model.adapt(pair.target)))
     landmark = terms(ls) + terms(lt)
     # c_k = whether the source landmark's true match lies inside the target: a landmark on a
-    # part the other view cut off has nowhere to go.
-    joint = losses.joint_loss(ls["points"], lt["points"], pair.mapping, pair.valid)
+    # part the other view cut off has nowhere to go. Not `pair.valid`, which also drops cells
+    # showing no image (a view's empty border): weighting by it let landmarks park on those
+    # borders, exempt from eq. 7, at fixed image positions.
+    inside_target = (pair.mapping.abs() < 1).all(dim=1, keepdim=True).to(pair.mapping.dtype)
+    joint = losses.joint_loss(ls["points"], lt["points"], pair.mapping, inside_target)
     lam = losses.LANDMARK_SIDE
     return {
         "total": lam.landmark * landmark + lam.joint * joint,

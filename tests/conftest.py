@@ -40,3 +40,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         stderr=subprocess.PIPE,
     )
     return out
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The service runs on asyncio (uvicorn): async tests run there only, also where trio is
+    installed (selenium pulls it in, and anyio's plugin would then run them on trio too)."""
+    return "asyncio"
