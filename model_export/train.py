@@ -350,19 +350,15 @@ def joint_step(
 
 
 def reset_modules(model: JLAD, names: list[str], seed: int) -> None:
-    """Re-initialise the heads `names` (`detector` = W_D, `aligner` = W_A + W_C) as their
-    constructors do (the adapter and the frozen backbone cannot be reset)."""
-    torch.manual_seed(seed)
+    """Re-initialise the heads `names` (`detector` = W_D, `aligner` = W_A + W_C) exactly as
+    the model's constructor does (the adapter and the frozen backbone cannot be reset)."""
     for name in names:
         if name not in ("detector", "aligner"):
             raise ValueError(f"cannot reset {name!r}: only 'detector' and 'aligner'")
-        module = getattr(model, name)
-        for child in module.modules():
-            if child is not module and hasattr(child, "reset_parameters"):
-                child.reset_parameters()
-        if name == "aligner":
-            torch.nn.init.zeros_(model.aligner.residual.weight)
-            torch.nn.init.zeros_(model.aligner.residual.bias)
+    torch.manual_seed(seed)
+    fresh = JLAD(model.config, pretrained=False)
+    for name in names:
+        getattr(model, name).load_state_dict(getattr(fresh, name).state_dict())
         log.info("re-initialised %s", name)
 
 

@@ -171,12 +171,7 @@ def make_synthetic_pair(
     if cfg.warp_target:
         # target pixel p shows image point A(p); source pixel q shows G(q), which the target
         # shows at A^-1(G(q)): exact, since A is affine.
-        affine = random_affine(b, replace(cfg, flip=False), generator)
-        grid = cell_centres(h, w, like=target).expand(b, h, w, 2)
-        target = F.grid_sample(
-            target, apply_affine(affine, grid), padding_mode="zeros", align_corners=False
-        )
-        target = colour_jitter(target, cfg, generator)
+        target, affine = random_affine_view(target, cfg, generator)
         field = apply_affine(invert_affine(affine), field)
     mapping = downsample_field(field, grid_size)
     # Valid: the source cell shows image content and its match lies inside the target.
@@ -203,6 +198,20 @@ def warp_feature_pair(
     return SyntheticPair(source, features, field, mapping, valid)
 
 
+def random_affine_view(
+    images: Tensor, cfg: WarpConfig, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """A random affine view of each image (B, 3, H, W), colour-jittered, and its map (B, 2, 3):
+    view pixel p shows image point A(p) (no flip and no TPS, so that A inverts exactly)."""
+    b, _, h, w = images.shape
+    affine = random_affine(b, replace(cfg, flip=False), generator)
+    grid = cell_centres(h, w, like=images).expand(b, h, w, 2)
+    view = F.grid_sample(
+        images, apply_affine(affine, grid), padding_mode="zeros", align_corners=False
+    )
+    return colour_jitter(view, cfg, generator), affine
+
+
 def random_views(
     images: Tensor, views: int, cfg: WarpConfig, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -213,17 +222,12 @@ def random_views(
     their frozen-backbone features can be computed once and reused for any pair of them: the
     CPU training's stand-in for warping images on the fly.
     """
-    b, _, h, w = images.shape
-    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(b, 1, 2, 3)
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(len(images), 1, 2, 3)
     affines = [identity]
     out = [images[:, None]]
-    grid = cell_centres(h, w, like=images).expand(b, h, w, 2)
     for _ in range(views - 1):
-        affine = random_affine(b, replace(cfg, flip=False), generator)
-        view = F.grid_sample(
-            images, apply_affine(affine, grid), padding_mode="zeros", align_corners=False
-        )
-        out.append(colour_jitter(view, cfg, generator)[:, None])
+        view, affine = random_affine_view(images, cfg, generator)
+        out.append(view[:, None])
         affines.append(affine[:, None])
     return torch.cat(out, dim=1), torch.cat(affines, dim=1)
 
