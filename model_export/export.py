@@ -46,7 +46,9 @@ GRAPH_NAMES = ("backbone", "landmarks", "align")
 # (|d exp(-e^2/2) / de| <= 0.61 per cell), hence a bound of the mapping tolerance's order; fp16
 # bounds its median, like the mapping's (near-ties in fp16 similarities flip a few matches).
 PARITY = {
-    "fp32": {"mapping_cells": 1e-3, "probabilities": 1e-4, "features": 1e-4, "consistency": 2e-3},
+    # fp32 mapping: each consensus round cubes the volume (mutual step), which amplifies
+    # rounding; 5e-3 cells is 0.04 px at stride 8 (four rounds measured up to 3.2e-3).
+    "fp32": {"mapping_cells": 5e-3, "probabilities": 1e-4, "features": 1e-4, "consistency": 2e-3},
     "fp16": {"mapping_cells": 0.25, "probabilities": 2e-2, "features": 1e-2, "consistency": 5e-2},
     # int8 moves every feature a little (cosine similarity to fp32 >= feature_cosine per
     # cell), so near-tie matches (many in an untrained model) move by whole cells: bound the

@@ -36,6 +36,8 @@ class ModelConfig:
     backbone_weights: str | None = None
     # Neighbourhood consensus on the cross-similarity before W_A (similarity.py).
     consensus: bool = True
+    # Rounds of filter + mutual step in that consensus (similarity.neighbourhood_consensus).
+    consensus_rounds: int = 1
     # The backbone blocks forming the hypercolumn (None: the backbone's default taps). A
     # stride-4 first tap (Lite0 block 2) doubles the grid's resolution.
     taps: tuple[int, ...] | None = None
@@ -150,7 +152,10 @@ class JLAD(nn.Module):
             selfsim_dim=config.selfsim_dim,
         )
         self.aligner = SemanticAligner(
-            self.grid_size, config.align_width or config.head_width, consensus=config.consensus
+            self.grid_size,
+            config.align_width or config.head_width,
+            consensus=config.consensus,
+            consensus_rounds=config.consensus_rounds,
         )
         # Frozen from the start: a module is built in training mode, and BatchNorm would
         # otherwise use batch statistics (and drift its running ones) in the first

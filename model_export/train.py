@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model_export import losses
-from model_export.checkpoint import save_checkpoint
+from model_export.checkpoint import load_model, save_checkpoint
 from model_export.data import MTFLFaces, list_images, load_image, split_indices
 from model_export.model import JLAD, ModelConfig
 from model_export.warps import (
@@ -349,6 +349,17 @@ def joint_step(
     }
 
 
+def init_weights(model: JLAD, checkpoint: Path) -> None:
+    """Load the trainable weights of the checkpoint directory `checkpoint` into `model`. Every
+    weight must fit; options that hold no weights (e.g. `consensus_rounds`) may differ."""
+    trained, _ = load_model(checkpoint)
+    try:
+        model.load_state_dict(trained.state_dict())
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint}: architecture differs from the config's: {err}") from err
+    log.info("initialised from %s", checkpoint)
+
+
 def reset_modules(model: JLAD, names: list[str], seed: int) -> None:
     """Re-initialise the heads `names` (`detector` = W_D, `aligner` = W_A + W_C) exactly as
     the model's constructor does (the adapter and the frozen backbone cannot be reset)."""
@@ -387,6 +398,10 @@ def run_training(
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     model = JLAD(ModelConfig.from_dict(config["model"]))
+    if config.get("init_from") and not (resume and (out / "train_state.pt").exists()):
+        # Start from a trained checkpoint's weights (its architecture must match): e.g. refit
+        # W_D alone (a stage with `reset: [detector]`) on a model whose other parts stay.
+        init_weights(model, Path(config["init_from"]))
     optimizer = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad], lr=float(config.get("lr", 5e-4))
     )
@@ -596,12 +611,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="data set root")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory")
     parser.add_argument("--resume", action="store_true", help="continue from train_state.pt")
+    parser.add_argument(
+        "--init", type=Path, help="start from this checkpoint's weights (config key init_from)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     config = yaml.safe_load(args.config.read_text())
     config["data"] = str(args.data)
+    if args.init is not None:
+        config["init_from"] = str(args.init)
     data = load_training_images(config, args.data)
     log.info("training on %d images in %d groups", len(data.images), len(set(data.groups.tolist())))
     run_training(config, data, args.out, resume=args.resume)

@@ -35,6 +35,12 @@ class WarpConfig:
     # TPS so that it inverts exactly) of the image, so that neither image of a pair is the
     # canonical framing: both are off-centre, zoomed or cut in turn.
     warp_target: bool = False
+    # Views only (`random_affine_view`): every view pixel shows image content, i.e. the view
+    # is a rotated crop of the image (zoom <= 1, shrunk and shifted until its corners are
+    # inside). Views with empty borders let W_D follow the view's frame instead of the object:
+    # points placed relative to the content's edges move exactly with any warp (eq. 7 is
+    # satisfied) and sit at one fixed template on real pictures, which have no such edges.
+    inside: bool = False
 
 
 def random_affine(batch: int, cfg: WarpConfig, generator: torch.Generator | None = None) -> Tensor:
@@ -59,6 +65,22 @@ def random_affine(batch: int, cfg: WarpConfig, generator: torch.Generator | None
         flip = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
         a[:, :, 0] = a[:, :, 0] * flip[:, None]
     return a
+
+
+def fit_inside(affine: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Shrink and shift (B, 2, 3) maps of view -> image coordinates so that the whole view
+    [-1, 1]^2 lands inside the image: the linear part is scaled down until the corners'
+    extent is at most 1, and the translation is drawn uniformly from what then fits (the
+    maps' own translations are replaced)."""
+    b = affine.shape[0]
+    corners = affine.new_tensor([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]])
+    linear = affine[:, :, :2]
+    extent = (corners @ linear.transpose(1, 2)).abs().amax(dim=1)  # (B, 2): half-size in x, y
+    shrink = extent.amax(dim=1).clamp_min(1.0)
+    linear = linear / shrink[:, None, None]
+    room = (1.0 - extent / shrink[:, None]).clamp_min(0.0)
+    shift = (torch.rand(b, 2, generator=generator) * 2 - 1).to(affine) * room
+    return torch.cat([linear, shift[:, :, None]], dim=2)
 
 
 def _tps_kernel(d2: Tensor) -> Tensor:
@@ -202,9 +224,12 @@ def random_affine_view(
     images: Tensor, cfg: WarpConfig, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
     """A random affine view of each image (B, 3, H, W), colour-jittered, and its map (B, 2, 3):
-    view pixel p shows image point A(p) (no flip and no TPS, so that A inverts exactly)."""
+    view pixel p shows image point A(p) (no flip and no TPS, so that A inverts exactly).
+    With `cfg.inside` the view is a crop of the image (`fit_inside`)."""
     b, _, h, w = images.shape
     affine = random_affine(b, replace(cfg, flip=False), generator)
+    if cfg.inside:
+        affine = fit_inside(affine, generator)
     grid = cell_centres(h, w, like=images).expand(b, h, w, 2)
     view = F.grid_sample(
         images, apply_affine(affine, grid), padding_mode="zeros", align_corners=False

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from model_export.alignment import (
     SemanticAligner,
+    channel_softmax,
     forward_backward_consistency,
     soft_argmax_mapping,
 )
@@ -136,6 +137,52 @@ def test_landmark_detector_shapes_and_gradients() -> None:
 # --- W_A, W_C -----------------------------------------------------------------------------------
 
 
+def test_channel_softmax_is_softmax_over_axis_one_with_its_gradient() -> None:
+    x = (torch.randn(2, 12, 3, 4, generator=torch.Generator().manual_seed(3)) * 30).requires_grad_()
+    ours = channel_softmax(x)
+    torch.testing.assert_close(ours, torch.softmax(x, dim=1))
+    (grad,) = torch.autograd.grad((ours * torch.arange(12.0).view(1, 12, 1, 1)).sum(), x)
+    y = x.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(
+        (torch.softmax(y, dim=1) * torch.arange(12.0).view(1, 12, 1, 1)).sum(), y
+    )
+    torch.testing.assert_close(grad, expected)
+    assert torch.isfinite(channel_softmax(torch.full((1, 3, 1, 1), 1e4))).all()  # no overflow
+
+
+def test_box_filter_averages_each_match_over_both_grids_neighbourhoods() -> None:
+    from model_export.similarity import _box_filter_4d
+
+    # One entry set: source cell (1, 1) -> target cell (2, 0) on 3 x 3 grids. A 3 x 3 box in
+    # both grids spreads it to every (source, target) pair within one cell of each, divided
+    # by how many cells each window holds inside the grid (count_include_pad=False).
+    h = w = 3
+    volume = torch.zeros(1, h * w, h, w)
+    volume[0, 2 * w + 0, 1, 1] = 1.0
+    out = _box_filter_4d(volume, (h, w), 3)
+    for ty in range(h):
+        for tx in range(w):
+            for sy in range(h):
+                for sx in range(w):
+                    near = (
+                        abs(ty - 2) <= 1
+                        and abs(tx - 0) <= 1
+                        and abs(sy - 1) <= 1
+                        and abs(sx - 1) <= 1
+                    )
+                    got = float(out[0, ty * w + tx, sy, sx])
+                    if not near:
+                        assert got == 0.0
+                        continue
+                    cells_s = (min(sy + 1, h - 1) - max(sy - 1, 0) + 1) * (
+                        min(sx + 1, w - 1) - max(sx - 1, 0) + 1
+                    )
+                    cells_t = (min(ty + 1, h - 1) - max(ty - 1, 0) + 1) * (
+                        min(tx + 1, w - 1) - max(tx - 1, 0) + 1
+                    )
+                    assert abs(got - 1.0 / (cells_s * cells_t)) < 1e-6
+
+
 def test_soft_argmax_mapping_of_identity_similarity() -> None:
     f = unit_features(c=64, h=4, w=4, seed=5)
     mapping, peak = soft_argmax_mapping(cosine_cross_similarity(f, f), beta=200.0)
@@ -198,6 +245,20 @@ def test_neighbourhood_consensus_known_answer_on_a_tiny_volume() -> None:
     torch.testing.assert_close(out.reshape(2, 2), v / v.amax(dim=0), atol=1e-5, rtol=0)
 
 
+def test_neighbourhood_consensus_rounds_repeat_the_mutual_step() -> None:
+    raw = torch.tensor([[0.8, 0.2], [0.4, 0.6]]).reshape(1, 2, 1, 2)
+
+    def mutual(v: torch.Tensor) -> torch.Tensor:  # one round without the box filter
+        return v * (v / v.amax(dim=0, keepdim=True)) * (v / v.amax(dim=1, keepdim=True))
+
+    twice = mutual(mutual(raw.reshape(2, 2)))
+    out = neighbourhood_consensus(raw, (1, 2), kernel=1, rounds=2)
+    torch.testing.assert_close(out.reshape(2, 2), twice / twice.amax(dim=0), atol=1e-5, rtol=0)
+    # Each round sharpens: the weaker match of each source cell falls further behind.
+    once = neighbourhood_consensus(raw, (1, 2), kernel=1).reshape(2, 2)
+    assert float(out.reshape(2, 2)[1, 0]) < float(once[1, 0])
+
+
 def test_neighbourhood_consensus_shapes_range_gradients_and_consistent_shift() -> None:
     f = unit_features(b=2, c=64, h=8, w=8, seed=9).requires_grad_(True)
     raw = cosine_cross_similarity(f, f)
@@ -222,7 +283,9 @@ def test_neighbourhood_consensus_outvotes_an_isolated_false_match() -> None:
             raw[0, y * w + min(x + 1, w - 1), y, x] = 0.9
     raw[0, 0, 4, 4] = 1.0  # outlier: source (4, 4) -> target (0, 0)
     assert int(raw[0, :, 4, 4].argmax()) == 0
-    assert int(neighbourhood_consensus(raw, (h, w))[0, :, 4, 4].argmax()) == 4 * w + 5
+    for rounds in (1, 2, 3):
+        scores = neighbourhood_consensus(raw, (h, w), rounds=rounds)
+        assert int(scores[0, :, 4, 4].argmax()) == 4 * w + 5
 
 
 def test_aligner_rejects_indivisible_grid() -> None:

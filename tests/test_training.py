@@ -302,3 +302,24 @@ def test_a_stage_can_reset_a_head_and_override_the_landmark_loss(tmp_path: Path)
     assert all(torch.equal(before[k], after[k]) for k in after if not k.startswith("detector."))
     with pytest.raises(ValueError, match="only 'detector' and 'aligner'"):
         reset_modules(refit, ["adapter"], 0)
+
+
+def test_training_can_start_from_a_trained_checkpoint(tmp_path: Path) -> None:
+    """`init_from` (CLI `--init`): the run starts from that checkpoint's weights (a stage of
+    0 iterations leaves them exactly), and refuses a checkpoint of another architecture."""
+    images = _pictures(TRAIN_PICTURES[:3])
+    data = TrainingImages(images, torch.zeros(len(images), dtype=torch.long))
+    trained = run_training(_config(iterations=3), data, tmp_path / "first")
+    config = _config(iterations=0)
+    config["init_from"] = str(tmp_path / "first")
+    started = run_training(config, data, tmp_path / "second")
+    first, second = trained.trainable_state(), started.trainable_state()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    fresh = run_training(_config(iterations=0), data, tmp_path / "fresh").trainable_state()
+    assert any(not torch.equal(first[k], fresh[k]) for k in first)  # 3 steps moved something
+    other = _config(iterations=0)
+    other["model"] = {**other["model"], "num_landmarks": 5}  # type: ignore[dict-item]
+    other["init_from"] = str(tmp_path / "first")
+    with pytest.raises(ValueError, match="architecture"):
+        run_training(other, data, tmp_path / "third")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -9,6 +11,7 @@ from model_export.geometry import cell_centres, warp_by_mapping
 from model_export.warps import (
     WarpConfig,
     apply_affine,
+    fit_inside,
     invert_affine,
     make_synthetic_pair,
     random_affine,
@@ -117,3 +120,30 @@ def test_views_start_with_the_image_and_their_pair_mapping_is_exact() -> None:
     torch.testing.assert_close(
         same, cell_centres(8, 8).permute(2, 0, 1)[None].expand(2, -1, -1, -1)
     )
+
+
+def test_inside_views_are_crops_of_the_image() -> None:
+    cfg = WarpConfig(scale=0.6, rotation=0.52, shear=0.1, translation=0.3, inside=True)
+    affine = fit_inside(random_affine(64, cfg, torch.Generator().manual_seed(6)))
+    corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]])
+    landed = apply_affine(affine, corners.expand(64, 4, 2))
+    assert float(landed.abs().max()) <= 1.0 + 1e-5  # every view pixel shows the image
+    zoom = torch.linalg.det(affine[:, :, :2]).abs().sqrt()
+    assert float(zoom.max()) <= 1.0 + 1e-5 and float(zoom.min()) < 0.7  # crops, some tight
+    assert float(affine[:, :, 2].abs().max()) > 0.05  # and off-centre
+    # Without `inside` the same draws leave empty borders in most views.
+    free = random_affine(64, cfg, torch.Generator().manual_seed(6))
+    assert (
+        float(
+            (apply_affine(free, corners.expand(64, 4, 2)).abs() > 1).any(-1).any(-1).float().mean()
+        )
+        > 0.5
+    )
+    img = _smooth_images(2) + 0.1
+    views, _ = random_views(
+        img,
+        3,
+        replace(cfg, brightness=0, contrast=0, saturation=0),
+        torch.Generator().manual_seed(7),
+    )
+    assert float(views.amin(dim=(2, 3, 4)).min()) > 0.05  # no black (zero-padded) pixels
