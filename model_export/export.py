@@ -60,6 +60,10 @@ PARITY = {
         "mapping_cells_median": 0.05,
         "mapping_moved_share": 0.2,
         "points_cells": 0.25,
+        # A trained landmark whose heat map has two near-equal peaks may jump to the other
+        # under int8 (the retrained `faces`, CI calibration: 1 of 10 points, 6 cells): for a
+        # served model, bound the share of points that move by more than two cells.
+        "points_moved_share": 0.2,
         "probabilities": 1e-2,
         "consistency_median": 0.05,
     },

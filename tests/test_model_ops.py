@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -160,27 +161,14 @@ def test_box_filter_averages_each_match_over_both_grids_neighbourhoods() -> None
     volume = torch.zeros(1, h * w, h, w)
     volume[0, 2 * w + 0, 1, 1] = 1.0
     out = _box_filter_4d(volume, (h, w), 3)
-    for ty in range(h):
-        for tx in range(w):
-            for sy in range(h):
-                for sx in range(w):
-                    near = (
-                        abs(ty - 2) <= 1
-                        and abs(tx - 0) <= 1
-                        and abs(sy - 1) <= 1
-                        and abs(sx - 1) <= 1
-                    )
-                    got = float(out[0, ty * w + tx, sy, sx])
-                    if not near:
-                        assert got == 0.0
-                        continue
-                    cells_s = (min(sy + 1, h - 1) - max(sy - 1, 0) + 1) * (
-                        min(sx + 1, w - 1) - max(sx - 1, 0) + 1
-                    )
-                    cells_t = (min(ty + 1, h - 1) - max(ty - 1, 0) + 1) * (
-                        min(tx + 1, w - 1) - max(tx - 1, 0) + 1
-                    )
-                    assert abs(got - 1.0 / (cells_s * cells_t)) < 1e-6
+
+    def window_cells(y: int, x: int) -> int:
+        return (min(y + 1, h - 1) - max(y - 1, 0) + 1) * (min(x + 1, w - 1) - max(x - 1, 0) + 1)
+
+    for ty, tx, sy, sx in itertools.product(range(h), range(w), range(h), range(w)):
+        near = max(abs(ty - 2), abs(tx - 0), abs(sy - 1), abs(sx - 1)) <= 1
+        expected = 1.0 / (window_cells(sy, sx) * window_cells(ty, tx)) if near else 0.0
+        assert abs(float(out[0, ty * w + tx, sy, sx]) - expected) < 1e-6
 
 
 def test_soft_argmax_mapping_of_identity_similarity() -> None:
