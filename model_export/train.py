@@ -11,8 +11,10 @@ warp), `alternate` (one step of each), `joint` (real pairs, eq. 8, alternating w
 learns with lambdas {1, 10, 10} / {10, 1, 100}; the other side is the teacher, run without
 gradient).
 
-CPU choice: the backbone is frozen, so its features of every training image are computed
-once and cached; synthetic warps are then applied to those feature maps (`warp_feature_pair`).
+CPU choice: the backbone is frozen (or, with `train_upper_backbone`, its blocks up to the
+first hypercolumn tap are), so the frozen part's output for every training image (or view)
+is computed once and cached; synthetic warps are then applied to those maps (views: cached
+per view; `warp_feature_pair` for the cheapest mode).
 Writes checkpoints (safetensors) every `checkpoint_every` iterations and at the end,
 `train_state.pt` for --resume, `history.json` and a loss-curve PNG.
 """
@@ -111,17 +113,18 @@ def folder_images(root: Path, size: tuple[int, int], limit: int) -> TrainingImag
 
 @torch.no_grad()
 def cache_backbone_features(model: JLAD, images: Tensor, batch: int = 16) -> Tensor:
-    """Frozen backbone features of every image, (N, C0, h, w), kept as float16 to halve
-    the memory."""
+    """The frozen part's output for every image (`JLAD.cacheable_features`: backbone
+    features (N, C0, h, w), or the first tap's), kept as float16 to halve the memory."""
     out = []
     for start in tqdm(range(0, len(images), batch), desc="cache backbone features", unit="batch"):
-        out.append(model.backbone_features(images[start : start + batch]).half())
+        out.append(model.cacheable_features(images[start : start + batch]).half())
     return torch.cat(out)
 
 
 @dataclass
 class ViewBank:
-    """Frozen-backbone features of `V` random affine views of every training image.
+    """Frozen-part features (`JLAD.cacheable_features`) of `V` random affine views of
+    every training image.
 
     features (N, V, C0, h, w) float16, view 0 the image itself; affines (N, V, 2, 3) map view
     pixels to image points. Any two views of one image form a synthetic pair with an exact
@@ -154,7 +157,7 @@ def cache_view_features(
     affines = torch.empty(len(images), views, 2, 3)
     for start in tqdm(range(0, len(images), batch), desc="cache view features", unit="batch"):
         chunk, chunk_affines = random_views(images[start : start + batch], views, warp, gen)
-        out = model.backbone_features(chunk.flatten(0, 1)).half()
+        out = model.cacheable_features(chunk.flatten(0, 1)).half()
         if features is None:
             features = torch.empty(len(images), views, *out.shape[1:], dtype=torch.float16)
         features[start : start + len(chunk)] = out.unflatten(0, (len(chunk), views))
@@ -198,8 +201,8 @@ def synthetic_feature_pair(
         return warp_feature_pair(cached[index].float(), warp, gen)
     pair = make_synthetic_pair(images[index], model.grid_size, warp, gen)
     with torch.no_grad():
-        source = model.backbone_features(pair.source)
-        target = model.backbone_features(pair.target)
+        source = model.cacheable_features(pair.source)
+        target = model.cacheable_features(pair.target)
     return SyntheticPair(source, target, pair.field, pair.mapping, pair.valid)
 
 
@@ -253,7 +256,8 @@ def align_step_synthetic(
     """Pre-training of {W_F adapter, W_A, W_C}: known warp + eq. 2-3. With
     `update_features=False` only W_A and W_C learn (the adapter is left to the real pairs)."""
     with torch.set_grad_enabled(update_features and torch.is_grad_enabled()):
-        fs, ft = model.adapt(pair.source), model.adapt(pair.target)
+        fs = model.features_from_cache(pair.source)
+        ft = model.features_from_cache(pair.target)
     out = model.align(fs, ft)
     log_sigma = ablation.log_sigma(out["log_sigma"])
     supervised = losses.flow_supervision_loss(out["mapping"], pair.mapping, pair.valid, log_sigma)
@@ -292,8 +296,8 @@ def landmark_step_synthetic(
 ) -> dict[str, Tensor]:
     """Pre-training of {W_F adapter, W_D}: eq. 6 on both images, eq. 7 with the known
     warp (equivariance: landmarks must move with the image)."""
-    ls = model.landmarks(terms.features(model.adapt(pair.source)))
-    lt = model.landmarks(terms.features(model.adapt(pair.target)))
+    ls = model.landmarks(terms.features(model.features_from_cache(pair.source)))
+    lt = model.landmarks(terms.features(model.features_from_cache(pair.target)))
     landmark = terms(ls) + terms(lt)
     # c_k = whether the source landmark's true match lies inside the target: a landmark on a
     # part the other view cut off has nowhere to go. Not `pair.valid`, which also drops cells
@@ -320,7 +324,7 @@ def joint_step(
     """Eq. 8 on real pairs. side='align' updates {W_F, W_A, W_C} with W_D as teacher;
     side='landmarks' updates W_D (and W_F when `terms.update_features`) with W_A, W_C as
     teacher."""
-    fa, fb = model.adapt(a.float()), model.adapt(b.float())
+    fa, fb = model.features_from_cache(a.float()), model.features_from_cache(b.float())
     lam = ablation.lambdas(side)
     if side == "align":
         with torch.no_grad():
@@ -373,6 +377,20 @@ def reset_modules(model: JLAD, names: list[str], seed: int) -> None:
         log.info("re-initialised %s", name)
 
 
+def make_optimizer(model: JLAD, config: dict[str, Any]) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters: `lr`, and `backbone_lr` (default: `lr`) for
+    trained backbone blocks, which start from ImageNet weights rather than from scratch."""
+    lr = float(config.get("lr", 5e-4))
+    heads, backbone = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (backbone if name.startswith("backbone.") else heads).append(parameter)
+    groups: list[dict[str, Any]] = [{"params": heads, "lr": lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": float(config.get("backbone_lr", lr))})
+    return torch.optim.Adam(groups)
+
+
 # --- loop ----------------------------------------------------------------------------------------
 
 
@@ -402,9 +420,7 @@ def run_training(
         # Start from a trained checkpoint's weights (its architecture must match): e.g. refit
         # W_D alone (a stage with `reset: [detector]`) on a model whose other parts stay.
         init_weights(model, Path(config["init_from"]))
-    optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad], lr=float(config.get("lr", 5e-4))
-    )
+    optimizer = make_optimizer(model, config)
     state = TrainState()
     state_path = out / "train_state.pt"
     if resume and state_path.exists():
@@ -478,9 +494,7 @@ def run_training(
         stage_terms = replace(terms, **stage.get("landmark_loss", {}))
         if state.iteration == 0 and stage.get("reset"):
             reset_modules(model, list(stage["reset"]), seed + stage_index)
-            optimizer = torch.optim.Adam(
-                [p for p in model.parameters() if p.requires_grad], lr=float(config.get("lr", 5e-4))
-            )
+            optimizer = make_optimizer(model, config)
         bar = tqdm(
             range(state.iteration, total_its),
             desc=stage["name"],

@@ -8,7 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from jlad_client.masks import propagate_mask, reliable_fraction
+from jlad_client.masks import (
+    correspondence_cell_px,
+    propagate_mask,
+    refine_by_colour,
+    reliable_fraction,
+)
 from numpy.typing import NDArray
 
 from service import fields, rendering
@@ -178,6 +183,10 @@ def propagate_one(
         min_confidence=opts.min_confidence,
         keep_if_neighbours_agree=opts.keep_if_neighbours_agree,
     )
+    if opts.refine == "colour":
+        height, width = result_mapping.shape[-2:]
+        radius = correspondence_cell_px(target.rgb.shape[:2], (int(height), int(width)))
+        labels = refine_by_colour(source.rgb, mask.labels, target.rgb, labels, radius=radius)
     out = Mask(np.asarray(labels, mask.labels.dtype), mask.palette)
     reliable = reliable_fraction(conf, opts.min_confidence)
     return encode_mask_png(out), [int(v) for v in np.unique(labels)], reliable, out.labels

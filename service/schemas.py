@@ -111,6 +111,12 @@ class PropagateOptions(_Strict):
         description="Keep an unreliable pixel's label when the source neighbourhood of its "
         "match carries that one label throughout.",
     )
+    refine: Literal["none", "colour"] = Field(
+        default="none",
+        description="colour: move the mask's boundaries onto the target's colours (within "
+        "one feature cell of them), using the source's colours per label. For frames of one "
+        "video (the same object); across instances of different colours it can hurt.",
+    )
 
 
 class PropagateJSON(PropagateOptions):

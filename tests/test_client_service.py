@@ -31,8 +31,8 @@ from jlad_client import (
     TransportError,
 )
 from jlad_client.images import read_mask
-from jlad_client.masks import mask_iou
-from jlad_client.sequence import propagate_sequence
+from jlad_client.masks import correspondence_cell_px, mask_iou, refine_by_colour
+from jlad_client.sequence import FrameMask, propagate_sequence
 from numpy.typing import NDArray
 from PIL import Image
 
@@ -288,22 +288,31 @@ def _frames(count: int) -> list[NDArray[np.uint8]]:
     return [_shift_right(_picture(), i * SHIFT // 2, edge=True) for i in range(count)]
 
 
+def _sequence_from_first_frame(
+    client: JladClient,
+    frames: list[NDArray[np.uint8]],
+    mask: NDArray[np.uint8],
+    mode: str,
+    **options: object,
+) -> dict[int, FrameMask]:
+    """`propagate_sequence` from frames[0] (annotated with `mask`), trusting every match."""
+    items = propagate_sequence(
+        client,
+        frames[0],
+        mask,
+        frames,
+        mode=mode,  # type: ignore[arg-type]
+        anchor_index=0,
+        min_confidence=0.0,
+        **options,  # type: ignore[arg-type]
+    )
+    return {r.index: r for r in items}
+
+
 @pytest.mark.parametrize("mode", ["anchor", "chain"])
 def test_sequence_propagation(client: JladClient, mode: str) -> None:
     frames, mask = _frames(3), _mask()
-    results = list(
-        propagate_sequence(
-            client,
-            frames[0],
-            mask,
-            frames,
-            mode=mode,  # type: ignore[arg-type]
-            anchor_index=0,
-            min_confidence=0.0,
-            batch_size=2,
-        )
-    )
-    by_index = {r.index: r for r in results}
+    by_index = _sequence_from_first_frame(client, frames, mask, mode, batch_size=2)
     assert sorted(by_index) == [0, 1, 2]
     assert by_index[0].origin == "annotated"
     np.testing.assert_array_equal(by_index[0].mask, mask)
@@ -313,6 +322,29 @@ def test_sequence_propagation(client: JladClient, mode: str) -> None:
         expected = _shift_right(mask, i * SHIFT // 2, edge=False)
         assert mask_iou(by_index[i].mask, expected) > SHIFT_IOU_FLOOR
         assert set(np.unique(by_index[i].mask)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("mode", ["anchor", "chain"])
+def test_colour_refinement_is_the_client_function_on_the_plain_masks(
+    client: JladClient, mode: str
+) -> None:
+    """`refine="colour"` (the service's for anchor mode, the client's for chain mode) gives
+    exactly `refine_by_colour` of the plain mask, with the band one grid cell wide."""
+    frames, mask = _frames(2), _mask()
+    plain, refined = (
+        {
+            i: r.mask
+            for i, r in _sequence_from_first_frame(client, frames, mask, mode, refine=how).items()
+        }
+        for how in ("none", "colour")
+    )
+    info = next(m for m in client.models() if m.is_default)
+    assert info.grid_size is not None
+    radius = correspondence_cell_px((192, 256), (info.grid_size.height, info.grid_size.width))
+    expected = refine_by_colour(frames[0], mask, frames[1], plain[1], radius=radius)
+    np.testing.assert_array_equal(refined[1], expected)
+    assert not np.array_equal(refined[1], plain[1])  # the astronaut's colours move some pixels
+    assert set(np.unique(refined[1])) <= {0, 1, 2}
 
 
 def test_chain_falls_back_to_the_annotated_frame_when_unreliable(client: JladClient) -> None:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from model_export.checkpoint import save_checkpoint
 from model_export.evaluate import main
-from model_export.evaluation.davis import pearson, propagate_both
+from model_export.evaluation.davis import PROPAGATING, pearson, propagate_both
 from model_export.model import JLAD, ModelConfig
 
 SEQUENCES = ("blob-a", "blob-b")
@@ -76,6 +76,28 @@ def test_identity_alignments_carry_the_annotation_unchanged() -> None:
     assert results["chain"][1] == [1.0, pytest.approx(108 / 160)]
 
 
+def test_colour_modes_snap_a_shifted_boundary_back_onto_the_object() -> None:
+    """Frames of a red object on blue, the alignment off by one cell to the right: the
+    plain modes carry the shift, the `_colour` modes put the boundary back on the colour
+    edge (within the one-cell band)."""
+    annotation = np.zeros((24, 40), np.uint8)
+    annotation[:, :20] = 1
+    frame = np.zeros((24, 40, 3), np.uint8)
+    frame[:, :20] = (210, 20, 20)
+    frame[:, 20:] = (20, 30, 200)
+    mapping, confidence = _identity_alignment(6, 10, 0.9)
+    mapping[0] -= 2 / 10  # every cell matched one cell (4 px) to its left
+    steps = [(mapping, confidence)] * 2
+    results = propagate_both(annotation, steps, steps, annotation.shape, frames=[frame] * 3)
+    assert set(results) == {"anchor", "chain", "anchor_colour", "chain_colour", "identity"}
+    for mode in ("anchor", "chain"):
+        assert all(m[:, 20:24].all() for m in results[mode][0]), mode  # shifted right
+    for mode in ("anchor_colour", "chain_colour"):
+        for mask in results[mode][0]:
+            np.testing.assert_array_equal(mask != 0, annotation != 0)
+    assert results["anchor_colour"][1] == results["anchor"][1]
+
+
 @pytest.fixture(scope="module")
 def davis_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`data/davis2016-sample` and `checkpoints/objects` (untrained 64 x 64 model, real
@@ -115,7 +137,7 @@ def test_evaluate_davis_end_to_end(davis_tree: Path, tmp_path: Path) -> None:
         record = report["sequences"][name]
         assert record["frames"] == 3
         assert record["identity"]["per_frame_J"] == [1.0, 1.0]
-        for mode in ("anchor", "chain"):
+        for mode in PROPAGATING:
             assert len(record[mode]["per_frame_J"]) == 2
             assert all(0 <= v <= 1 for v in record[mode]["per_frame_J"])
             assert all(0 <= v <= 1 for v in record[mode]["per_frame_reliability"])

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 from jlad_client.masks import (
     backward_field_from_flow,
+    box_fraction,
+    correspondence_cell_px,
     mask_iou,
     neighbourhood_agrees,
     overlay_labels,
     propagate_mask,
+    refine_by_colour,
     resize_mask,
 )
 from jlad_client.warp import identity_grid
@@ -182,3 +185,74 @@ def test_overlay_labels_tints_only_labelled_pixels() -> None:
     np.testing.assert_array_equal(out[1:3, 1:3], image[1:3, 1:3])
     assert not np.array_equal(out[0, 0], image[0, 0])
     assert not np.array_equal(out[0, 0], out[3, 3])  # one colour per label
+
+
+def _two_colour_scene(edge: int, height: int = 40, width: int = 60) -> np.ndarray:
+    """Red object (columns < `edge`) on a blue background, with a little noise."""
+    rng = np.random.default_rng(edge)
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, :edge] = (200, 30, 30)
+    image[:, edge:] = (30, 40, 190)
+    noise = rng.integers(-12, 13, image.shape)
+    return np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+def test_box_fraction_known_answer() -> None:
+    indicator = np.zeros((5, 5), bool)
+    indicator[2, 2] = True
+    share = box_fraction(indicator, 1)
+    assert share[2, 2] == pytest.approx(1 / 9) and share[1, 1] == pytest.approx(1 / 9)
+    assert share[0, 0] == 0.0
+    np.testing.assert_allclose(box_fraction(np.ones((4, 7), bool), 3), 1.0)
+    np.testing.assert_array_equal(box_fraction(indicator, 0), indicator.astype(float))
+
+
+def test_colour_refinement_moves_a_misplaced_boundary_onto_the_colour_edge() -> None:
+    """The warped mask's edge is 6 px off (as a one-cell flow error leaves it): within the
+    radius the boundary snaps to the colour edge; farther away nothing changes."""
+    source = _two_colour_scene(edge=30)
+    source_mask = np.zeros((40, 60), np.uint8)
+    source_mask[:, :30] = 1
+    target = _two_colour_scene(edge=24)
+    warped = np.zeros((40, 60), np.uint8)
+    warped[:, :30] = 1  # 6 columns too far right
+    refined = refine_by_colour(source, source_mask, target, warped, radius=8)
+    truth = np.zeros((40, 60), np.uint8)
+    truth[:, :24] = 1
+    assert mask_iou(warped, truth) == pytest.approx(24 / 30)
+    assert mask_iou(refined, truth) == 1.0
+    # A colour edge beyond the radius is out of reach: the band is 2 px, the edge 6 px off.
+    near = refine_by_colour(source, source_mask, target, warped, radius=2)
+    assert mask_iou(near, truth) == pytest.approx(24 / 28)
+    assert refined.dtype == warped.dtype
+
+
+def test_colour_refinement_keeps_labels_and_leaves_uniform_masks() -> None:
+    source = _two_colour_scene(edge=30)
+    labels = np.zeros((40, 60), np.uint16)
+    labels[:, :30] = 300
+    target = _two_colour_scene(edge=24)
+    warped = labels.copy()
+    refined = refine_by_colour(source, labels, target, warped, radius=8)
+    assert set(np.unique(refined)) <= {0, 300}
+    # One label everywhere (no boundary), or a zero radius: nothing to move.
+    whole = np.full((40, 60), 300, np.uint16)
+    np.testing.assert_array_equal(refine_by_colour(source, labels, target, whole, radius=8), whole)
+    np.testing.assert_array_equal(
+        refine_by_colour(source, labels, target, warped, radius=0), warped
+    )
+    # A stronger prior trusts the warped mask more: the far columns stay put.
+    held = refine_by_colour(source, labels, target, warped, radius=8, prior_weight=50.0)
+    np.testing.assert_array_equal(held, warped)
+
+
+def test_colour_refinement_rejects_bad_inputs() -> None:
+    image = np.zeros((10, 12, 3), np.uint8)
+    mask = np.zeros((10, 12), np.uint8)
+    with pytest.raises(ValueError, match="must be"):
+        refine_by_colour(image, mask[:5], image, mask, radius=2)
+    with pytest.raises(ValueError, match="prior_weight"):
+        refine_by_colour(image, mask, image, mask, radius=2, prior_weight=0.0)
+    with pytest.raises(ValueError, match="radius"):
+        box_fraction(mask.astype(bool), -1)
+    assert correspondence_cell_px((480, 854), (32, 32)) == 27

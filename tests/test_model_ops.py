@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from model_export.alignment import (
     soft_argmax_mapping,
 )
 from model_export.backbones import build_backbone
+from model_export.checkpoint import load_model, save_checkpoint
 from model_export.geometry import cell_centres, sample_at, warp_by_mapping
 from model_export.landmarks import LandmarkDetector, peak_mass, soft_argmax, spatial_softmax
 from model_export.model import JLAD, ModelConfig
@@ -424,3 +426,43 @@ def test_a_new_model_never_touches_the_backbone_statistics() -> None:
         model.backbone_features(torch.rand(4, 3, 64, 64))
     after = model.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_backbone_lower_then_upper_is_the_whole_backbone() -> None:
+    backbone = build_backbone("efficientnet_lite0", pretrained=False).eval()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        first_tap = backbone.lower(x)
+        assert first_tap.shape == (2, 40, 8, 12)  # Lite0 block 4: 40 channels at stride 8
+        torch.testing.assert_close(backbone.upper(first_tap), backbone(x), rtol=0, atol=0)
+    assert backbone.upper_parameter_prefixes() == tuple(f"_blocks.{i}." for i in range(5, 15))
+
+
+def test_upper_backbone_blocks_train_and_are_stored_when_asked(tmp_path: Path) -> None:
+    config = ModelConfig(
+        input_size=(64, 64), feature_dim=16, head_width=16, train_upper_backbone=True
+    )
+    model = JLAD(config, pretrained=False).train()
+    assert not model.backbone.training  # BatchNorm keeps its statistics
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "backbone._blocks.5._depthwise_conv.weight" in trained
+    assert "backbone._blocks.4._depthwise_conv.weight" not in trained
+    assert "backbone._conv_stem.weight" not in trained
+    stored = model.trainable_state()
+    assert "backbone._blocks.14._bn2.running_mean" in stored
+    assert not any(k.startswith(("backbone._blocks.4.", "backbone._conv_stem")) for k in stored)
+
+    image = torch.rand(2, 3, 64, 64)
+    cached = model.cacheable_features(image)
+    assert cached.shape == (2, 40, 8, 8)  # the first tap, not the 344-channel hypercolumn
+    features = model.features_from_cache(cached)
+    torch.testing.assert_close(features, model.features(image), rtol=0, atol=1e-6)
+    features.sum().backward()
+    upper = model.backbone._blocks[5]._project_conv.weight
+    assert upper.grad is not None and upper.grad.abs().sum() > 0
+
+    with torch.no_grad():
+        upper.add_(0.5)
+    save_checkpoint(tmp_path, model, {"model": {}})
+    loaded, _ = load_model(tmp_path, pretrained_backbone=False)
+    assert torch.equal(loaded.backbone._blocks[5]._project_conv.weight, upper.detach())

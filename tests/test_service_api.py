@@ -327,6 +327,30 @@ def test_propagate_npz_and_single_png(client: httpx.Client) -> None:
     assert np.array_equal(png_array(single.content), arrays["mask_0"])
 
 
+def test_propagate_colour_refinement_keeps_labels_and_rejects_unknown_modes(
+    client: httpx.Client,
+) -> None:
+    image = chelsea()
+    mask = labelled_mask(300, 451).astype(np.uint16) * 1000
+    files = [
+        ("source", ("s.png", encode(image))),
+        ("mask", ("m.png", encode(mask))),
+        ("targets", ("t.png", encode(image))),
+    ]
+    npz = {"Accept": "application/x-npz"}
+    plain = client.post("/propagate", files=files, data={"min_confidence": "0"}, headers=npz)
+    refined = client.post(
+        "/propagate", files=files, data={"min_confidence": "0", "refine": "colour"}, headers=npz
+    )
+    assert refined.status_code == 200, refined.text
+    before, after = (np.load(io.BytesIO(r.content))["mask_0"] for r in (plain, refined))
+    assert after.dtype == np.uint16 and set(np.unique(after)) <= {0, 3000, 7000}
+    assert not np.array_equal(before, after)  # boxes are not the cat's colours: pixels move
+    bad = client.post("/propagate", files=files, data={"refine": "magic"})
+    assert bad.status_code == 422
+    assert bad.headers["content-type"] == "application/problem+json"
+
+
 # -- deployment knobs: keys, root path, proxies ------------------------------------------
 
 

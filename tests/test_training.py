@@ -323,3 +323,26 @@ def test_training_can_start_from_a_trained_checkpoint(tmp_path: Path) -> None:
     other["init_from"] = str(tmp_path / "first")
     with pytest.raises(ValueError, match="architecture"):
         run_training(other, data, tmp_path / "third")
+
+
+def test_landmark_training_updates_the_upper_backbone_blocks_only(tmp_path: Path) -> None:
+    """`train_upper_backbone`: landmark steps on cached first-tap views move the blocks after
+    the first tap (at `backbone_lr`) and leave the lower blocks and every BatchNorm statistic
+    as they were; the checkpoint carries the moved blocks."""
+    images = _pictures(TRAIN_PICTURES[:4])
+    data = TrainingImages(images, torch.zeros(len(images), dtype=torch.long))
+    config = _landmark_config(iterations=4)
+    config["model"] = {**config["model"], "train_upper_backbone": True}  # type: ignore[dict-item]
+    config["backbone_lr"] = 1e-4
+    torch.manual_seed(0)
+    before = JLAD(ModelConfig.from_dict(config["model"])).backbone.state_dict()  # type: ignore[arg-type]
+    model = run_training(config, data, tmp_path / "ckpt")
+    after = model.backbone.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    upper = model.backbone.upper_parameter_prefixes()
+    assert moved and all(k.startswith(upper) and "running" not in k for k in moved)
+    assert any(k.startswith("_blocks.14.") for k in moved)  # gradient reaches the last block
+    bank = torch.load(tmp_path / "ckpt" / "views_cache.pt", weights_only=True)
+    assert bank["features"].shape[2] == 40  # the first tap's channels are what is cached
+    loaded, _ = load_model(tmp_path / "ckpt")
+    assert all(torch.equal(loaded.backbone.state_dict()[k], after[k]) for k in after)

@@ -66,6 +66,7 @@ NPZ_MEDIA_TYPE = "application/x-npz"
 Resolution = Literal["grid", "source", "target"]
 View = Literal["flow", "confidence", "warped", "matches", "landmarks"]
 LandmarksView = Literal["landmarks", "heatmaps"]
+Refine = Literal["none", "colour"]
 
 
 @dataclass(frozen=True)
@@ -311,6 +312,7 @@ class _ClientBase:
         min_confidence: float | None,
         keep_if_neighbours_agree: bool | None,
         binary: bool,
+        refine: Refine | None = None,
     ) -> _Call[PropagationResult]:
         if not targets:
             raise ValueError("propagate needs at least one target")
@@ -338,6 +340,7 @@ class _ClientBase:
                 model=model or self.model,
                 min_confidence=min_confidence,
                 keep_if_neighbours_agree=keep_if_neighbours_agree,
+                refine=refine,
             ),
             files=files,
             headers={"Accept": NPZ_MEDIA_TYPE} if binary else {"Accept": "application/json"},
@@ -521,6 +524,7 @@ class JladClient(_ClientBase):
         min_confidence: float | None = None,
         keep_if_neighbours_agree: bool | None = None,
         binary: bool = False,
+        refine: Refine | None = None,
     ) -> PropagationResult:
         """`POST /propagate`: carry `mask` (labels of `source`) onto every target.
 
@@ -528,6 +532,8 @@ class JladClient(_ClientBase):
         send many targets together. Pixels whose match confidence is below `min_confidence`
         become background, unless `keep_if_neighbours_agree` and the source neighbourhood of
         the match carries one label (service defaults when None; see `jlad_client.masks`).
+        `refine="colour"`: boundaries moved onto the target's colours
+        (`jlad_client.masks.refine_by_colour`; for frames of one video).
         """
         call = self._propagate_call(
             source,
@@ -537,6 +543,7 @@ class JladClient(_ClientBase):
             min_confidence=min_confidence,
             keep_if_neighbours_agree=keep_if_neighbours_agree,
             binary=binary,
+            refine=refine,
         )
         return self._run(call)
 
@@ -682,6 +689,7 @@ class AsyncJladClient(_ClientBase):
         min_confidence: float | None = None,
         keep_if_neighbours_agree: bool | None = None,
         binary: bool = False,
+        refine: Refine | None = None,
     ) -> PropagationResult:
         """`POST /propagate` (see `JladClient.propagate`)."""
         call = await asyncio.to_thread(
@@ -693,6 +701,7 @@ class AsyncJladClient(_ClientBase):
                 min_confidence=min_confidence,
                 keep_if_neighbours_agree=keep_if_neighbours_agree,
                 binary=binary,
+                refine=refine,
             )
         )
         return await self._run(call)

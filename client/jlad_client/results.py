@@ -142,6 +142,7 @@ class ModelInfo:
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
     provider: str | None = None
     precision: str | None = None
+    grid_size: Size | None = None  # the correspondence grid (cells): one cell's resolution
 
 
 @dataclass(frozen=True)
@@ -357,6 +358,7 @@ def parse_models(body: Any) -> list[ModelInfo]:
                 description=str(item.get("description", manifest.get("description", ""))),
                 is_default=bool(item.get("default", False)) or default == name,
                 manifest=manifest,
+                grid_size=_size(item["grid_size"]) if "grid_size" in item else None,
                 provider=None if item.get("provider") is None else str(item["provider"]),
                 precision=None if item.get("precision") is None else str(item["precision"]),
             )

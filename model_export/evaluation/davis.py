@@ -10,6 +10,9 @@ Three ways to give every later frame a mask, scored against the annotations:
     frame i -> frame i-1 and frame i -> frame 0 (what `jlad propagate --mode chain` does);
     per-frame reliability = the step's reliability (agreement with the directly warped mask).
 `identity`: frame 0's mask copied (no motion at all).
+`anchor_colour`, `chain_colour`: the same two with every mask's boundaries moved onto the
+    frame's colours (`jlad_client.masks.refine_by_colour`, one correspondence cell around
+    them; what `--refine colour` / `refine=colour` do).
 
 The model runs here in torch (features once per frame, then the align head once per pair);
 everything after the model's outputs (normalised mapping -> pixels, the masks, the
@@ -38,7 +41,7 @@ from jlad_client.masks import (
     propagate_mask,
     reliable_fraction,
 )
-from jlad_client.sequence import DEFAULT_FALLBACK_RELIABILITY, chain_step
+from jlad_client.sequence import DEFAULT_FALLBACK_RELIABILITY, chain_step, colour_refiner
 from jlad_client.warp import resize_field
 from numpy.typing import NDArray
 from PIL import Image
@@ -50,7 +53,8 @@ from model_export.model import JLAD
 
 log = logging.getLogger("jlad.evaluate")
 
-MODES = ("anchor", "chain", "identity")
+MODES = ("anchor", "chain", "anchor_colour", "chain_colour", "identity")
+PROPAGATING = ("anchor", "chain", "anchor_colour", "chain_colour")  # modes with a reliability
 Labels = NDArray[np.integer]
 F32 = NDArray[np.float32]
 
@@ -131,34 +135,46 @@ def propagate_both(
     chain: Sequence[tuple[F32, F32]],
     size: tuple[int, int],
     *,
+    frames: Sequence[RGB] | None = None,
     min_confidence: float = DEFAULT_MIN_CONFIDENCE,
     fallback_reliability: float = DEFAULT_FALLBACK_RELIABILITY,
 ) -> dict[str, tuple[list[Labels], list[float]]]:
     """Masks and per-frame reliabilities of frames 1..N-1 for every mode, from the raw
-    alignments (`backward_alignments`); frames of `size` (H, W)."""
+    alignments (`backward_alignments`); frames of `size` (H, W). The `_colour` modes need
+    the `frames` (frame 0 the annotated one) and are left out without them."""
     source_size = annotation.shape[:2]
-    results: dict[str, tuple[list[Labels], list[float]]] = {m: ([], []) for m in MODES}
-    previous = annotation
+    modes = MODES if frames is not None else tuple(m for m in MODES if "colour" not in m)
+    results: dict[str, tuple[list[Labels], list[float]]] = {m: ([], []) for m in modes}
+    previous = {"chain": annotation, "chain_colour": annotation}
     for step, ((a_map, a_conf), (c_map, c_conf)) in enumerate(zip(anchor, chain, strict=True)):
         a_field, a_dense = backward_field(a_map, a_conf, size, source_size)
-        direct = propagate_mask(annotation, a_field, a_dense, min_confidence=min_confidence)
-        results["anchor"][0].append(direct)
-        results["anchor"][1].append(reliable_fraction(a_dense, min_confidence))
         # Frame 1's previous frame is the annotated one: chain_step then warps directly.
         c_field, c_dense = (None, None) if step == 0 else backward_field(c_map, c_conf, size, size)
-        chained = chain_step(
-            previous,
-            c_field,
-            c_dense,
-            annotation,
-            a_field,
-            a_dense,
-            min_confidence=min_confidence,
-            fallback_reliability=fallback_reliability,
-        )
-        previous = chained.mask
-        results["chain"][0].append(chained.mask)
-        results["chain"][1].append(chained.reliability)
+        direct = propagate_mask(annotation, a_field, a_dense, min_confidence=min_confidence)
+        reliable = reliable_fraction(a_dense, min_confidence)
+        refine = None
+        if frames is not None:
+            grid = (int(a_map.shape[-2]), int(a_map.shape[-1]))
+            refine = colour_refiner(frames[0], annotation, frames[step + 1], grid)
+            results["anchor_colour"][0].append(refine(direct))
+            results["anchor_colour"][1].append(reliable)
+        results["anchor"][0].append(direct)
+        results["anchor"][1].append(reliable)
+        for mode in ("chain", "chain_colour") if frames is not None else ("chain",):
+            chained = chain_step(
+                previous[mode],
+                c_field,
+                c_dense,
+                annotation,
+                a_field,
+                a_dense,
+                min_confidence=min_confidence,
+                fallback_reliability=fallback_reliability,
+                refine=refine if mode == "chain_colour" else None,
+            )
+            previous[mode] = chained.mask
+            results[mode][0].append(chained.mask)
+            results[mode][1].append(chained.reliability)
         results["identity"][0].append(annotation)
         results["identity"][1].append(1.0)
     return results
@@ -190,10 +206,10 @@ def sequence_strip(
     shown: Sequence[int],
     factor: int = 4,
 ) -> RGB:
-    """A picture per shown frame and mode (rows anchor, chain): the propagated mask tinted,
-    the annotation's outline in white, captioned with J and the reliability."""
+    """A picture per shown frame and mode (rows: every mode but identity): the propagated
+    mask tinted, the annotation's outline in white, captioned with J and the reliability."""
     cells: list[RGB] = []
-    for mode in ("anchor", "chain"):
+    for mode in (m for m in PROPAGATING if m in results):
         masks, reliabilities = results[mode]
         for frame in shown:
             mask = masks[frame - 1]
@@ -234,6 +250,7 @@ def evaluate_davis(
             anchor,
             chain,
             truth[0].shape[:2],
+            frames=frames,
             min_confidence=min_confidence,
             fallback_reliability=fallback_reliability,
         )
@@ -252,11 +269,9 @@ def evaluate_davis(
             }
         sequences[name] = record
         log.info(
-            "davis %-14s J anchor %.3f chain %.3f identity %.3f",
+            "davis %-14s J %s",
             name,
-            record["anchor"]["J"],
-            record["chain"]["J"],
-            record["identity"]["J"],
+            "  ".join(f"{mode} {record[mode]['J']:.3f}" for mode in MODES),
         )
         if figures > 0:
             shown = np.linspace(1, len(frames) - 1, figures).round().astype(int).tolist()
@@ -267,7 +282,7 @@ def evaluate_davis(
     methods: dict[str, dict[str, float]] = {
         mode: {"J": mean([sequences[s][mode]["J"] for s in names])} for mode in MODES
     }
-    for mode in ("anchor", "chain"):  # identity has no reliability to speak of
+    for mode in PROPAGATING:  # identity has no reliability to speak of
         methods[mode]["reliability_pearson"] = pearson(per_frame_r[mode], per_frame_j[mode])
     return {
         "methods": methods,
@@ -280,5 +295,6 @@ def evaluate_davis(
         "from frame 0 (/propagate's rule, reliability = reliable_fraction); chain: "
         "jlad_client.sequence.chain_step (reliability = agreement with the directly warped "
         "mask); identity: frame 0's mask copied; reliability_pearson over every frame of "
-        "every sequence (NaN when the reliability is constant)",
+        "every sequence (NaN when the reliability is constant); *_colour: the same with "
+        "jlad_client.masks.refine_by_colour (frame 0's colours, one cell around boundaries)",
     }
