@@ -463,6 +463,20 @@ def test_a_painted_mask_is_carried_to_a_shifted_copy(
         assert archive.namelist() == ["mask_astronaut-shifted.png", "mask_chelsea.png"]
         assert np.array_equal(png_labels(archive.read("mask_astronaut-shifted.png")), carried)
         assert png_labels(archive.read("mask_chelsea.png")).shape == (200, 300)
+
+    # The colour option: the service moves edges onto the target's colours (the painted
+    # strokes do not follow the astronaut's colours, so some pixels change).
+    browser.find_element(By.ID, "refine-colour").click()
+    browser.execute_script("delete document.body.dataset.propagated")
+    browser.find_element(By.ID, "propagate").click()
+    wait(browser, lambda d: d.execute_script("return document.body.dataset.propagated"), "masks")
+    (downloads / "mask_astronaut-shifted.png").unlink()  # so the new one keeps its name
+    started = time.time()
+    first = browser.find_elements(By.CSS_SELECTOR, "#results li")[0]
+    first.find_element(By.CLASS_NAME, "download-mask").click()
+    snapped = png_labels(downloaded(downloads, "mask_astronaut-shifted.png", started))
+    assert set(np.unique(snapped)) <= {0, 1} and not np.array_equal(snapped, carried)
+    assert mask_iou(snapped, carried) > 0.5
     assert console_errors(browser) == []
 
 

@@ -637,6 +637,7 @@ async function propagate() {
     form.append("mask", mask, "mask.png");
     for (const target of targets) form.append("targets", target.blob, target.name);
     form.append("min_confidence", String(minConfidence()));
+    form.append("refine", $("refine-colour").checked ? "colour" : "none");
     return (await api(`propagate?${modelQuery()}`, { body: form })).json();
   });
   if (`${pairKey()}/${state.extras.map((e) => e.id).join(",")}` !== key) return;
