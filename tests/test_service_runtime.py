@@ -176,10 +176,29 @@ def test_int8_variant_agrees_with_fp32(model_dir: Path, engine: InferenceEngine)
     assert quant.alignments[0].mapping.dtype == np.float32
     assert np.median(error_cells) <= tol["mapping_cells_median"] * 10
     assert (error_cells.max(axis=0) > 1).mean() <= tol["mapping_moved_share"]
-    for a, b in zip(full.landmarks, quant.landmarks, strict=True):
-        moved_cells = np.linalg.norm(a.points - b.points, axis=-1) * w / 2
-        assert np.median(moved_cells) <= 1.0
-        assert (moved_cells > 2.0).mean() <= tol["points_moved_share"]
+    moved = [
+        np.linalg.norm(a.points - b.points, axis=-1) * w / 2
+        for a, b in zip(full.landmarks, quant.landmarks, strict=True)
+    ]
+    within = all(
+        np.median(m) <= 1.0 and (m > 2.0).mean() <= tol["points_moved_share"] for m in moved
+    )
+    if not _cpu_has_vnni():
+        # Known defect, found on an AVX2-only VM: half of the faces landmarks jump by 10+
+        # cells under int8 there (reduce_range on). Strict: passes again -> this must go.
+        assert not within, "int8 landmarks now agree on a CPU without VNNI: drop this branch"
+        pytest.xfail("int8 faces landmarks are not reliable on x86 CPUs without VNNI")
+    assert within, moved
+
+
+def _cpu_has_vnni() -> bool:
+    """Whether this (Linux x86) CPU has VNNI, which MLAS's int8 kernels need for full-range
+    u8 x s8 products without int16 saturation."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def test_int8_on_an_explicit_gpu_provider_is_refused(model_dir: Path) -> None:
