@@ -426,7 +426,8 @@ def run_training(
     if resume and state_path.exists():
         saved = torch.load(state_path, map_location="cpu", weights_only=False)
         missing, _ = model.load_state_dict(saved["model"], strict=False)
-        missing = [k for k in missing if not k.startswith("backbone.")]
+        stored = model.trainable_state()  # trained backbone blocks included
+        missing = [k for k in missing if k in stored]
         if missing:
             # The config added parameters since the run stopped: they start fresh, and so
             # does Adam's state (its per-parameter moments no longer line up).

@@ -214,10 +214,12 @@ def refine_by_colour(
         return tgt.copy()
     # The band: pixels with a label boundary (a 4-neighbour of another label) within radius.
     boundary = np.zeros(tgt.shape, bool)
-    boundary[:, 1:] |= tgt[:, 1:] != tgt[:, :-1]
-    boundary[:, :-1] |= tgt[:, 1:] != tgt[:, :-1]
-    boundary[1:] |= tgt[1:] != tgt[:-1]
-    boundary[:-1] |= tgt[1:] != tgt[:-1]
+    across = tgt[:, 1:] != tgt[:, :-1]
+    down = tgt[1:] != tgt[:-1]
+    boundary[:, 1:] |= across
+    boundary[:, :-1] |= across
+    boundary[1:] |= down
+    boundary[:-1] |= down
     band = box_fraction(boundary, radius) > 0
     if not band.any():
         return tgt.copy()
