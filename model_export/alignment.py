@@ -16,6 +16,19 @@ model's four (`evaluate tss` reports it), where sigmoid(-s) of the CPU-trained W
 0.51-0.52 in a development check (s stays near its mean everywhere); and it means the same
 thing for every model: 0.5 is a match that comes back within 1.2 cells.
 
+Choice (`motion_prior_kernel`, holds no weights): a match is more likely where its
+neighbours' matches say it goes. After the plain soft-argmax, each source cell's expected
+target is its centre plus the mean displacement of the matches in a kernel x kernel window
+around it, weighted by their round-trip consistency (`neighbourhood_motion`); the base field
+is then the soft-argmax of softmax(beta * scores) times a Gaussian of `motion_prior_sigma`
+cells around that expectation (`prior_soft_argmax_mapping`). It overrides isolated matches
+that jumped to a look-alike part (a motorbike's other wheel) while a window smaller than the
+object keeps an object that moves unlike its background (a video) free. Committed `objects`
+weights, 4 consensus rounds, kernel 9, sigma 0.75: PF-WILLOW PCK@0.1 0.745 -> 0.769 (motorbike
+0.537 -> 0.566), TSS mask IoU 0.878 -> 0.887; one global affine fit instead of the window
+scored the same on PF-WILLOW but cost DAVIS anchor J 0.575 -> 0.557 (it follows the
+background).
+
 Choice: starting from the soft-argmax field means an untrained W_A already matches like
 nearest neighbours; training moves the features (adapter) and the residual.
 """
@@ -25,6 +38,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_export.geometry import cell_centres, warp_by_mapping
@@ -65,20 +79,79 @@ def soft_argmax_mapping(
     return mapping, prob.amax(dim=1, keepdim=True)
 
 
+def reverse_mapping(scores: Tensor, beta: Tensor | float, grid_size: tuple[int, int]) -> Tensor:
+    """For each target cell, the expected source position under the soft-argmax over the
+    source cells of the same similarity volume: scores (B, ht*wt, h, w) -> (B, 2, ht, wt)."""
+    h, w = grid_size
+    reverse_scores = scores.reshape(-1, h * w, h * w).transpose(1, 2).reshape(-1, h * w, h, w)
+    reverse, _ = soft_argmax_mapping(reverse_scores, beta, grid_size)
+    return reverse
+
+
+def round_trip_consistency(reverse: Tensor, mapping: Tensor, grid_size: tuple[int, int]) -> Tensor:
+    """exp(-e^2 / 2) per source cell, (B, 1, h, w): e = distance in cells between the cell and
+    where its match (`mapping`, (B, 2, h, w)) lands under `reverse` (from `reverse_mapping`)."""
+    h, w = grid_size
+    back = warp_by_mapping(reverse, mapping, padding="border")
+    centres = cell_centres(h, w, like=mapping).permute(2, 0, 1).unsqueeze(0)
+    cells = mapping.new_tensor([w / 2, h / 2]).view(1, 2, 1, 1)
+    error2 = ((back - centres) * cells).pow(2).sum(dim=1, keepdim=True)
+    return torch.exp(-0.5 * error2)
+
+
 def forward_backward_consistency(
     scores: Tensor, mapping: Tensor, beta: Tensor | float, grid_size: tuple[int, int]
 ) -> Tensor:
     """exp(-e^2 / 2) per source cell, (B, 1, h, w): e = distance in cells between the cell
     and where its match (`mapping`, (B, 2, h, w)) maps back under the reverse soft-argmax
     field of `scores` (B, ht*wt, h, w), the similarity volume `mapping` was derived from."""
-    h, w = grid_size
-    reverse_scores = scores.reshape(-1, h * w, h * w).transpose(1, 2).reshape(-1, h * w, h, w)
-    reverse, _ = soft_argmax_mapping(reverse_scores, beta, grid_size)
-    back = warp_by_mapping(reverse, mapping, padding="border")
-    centres = cell_centres(h, w, like=mapping).permute(2, 0, 1).unsqueeze(0)
-    cells = mapping.new_tensor([w / 2, h / 2]).view(1, 2, 1, 1)
-    error2 = ((back - centres) * cells).pow(2).sum(dim=1, keepdim=True)
-    return torch.exp(-0.5 * error2)
+    return round_trip_consistency(reverse_mapping(scores, beta, grid_size), mapping, grid_size)
+
+
+def neighbourhood_motion(mapping: Tensor, weight: Tensor, kernel: int) -> Tensor:
+    """Where each source cell's neighbours say it should go: the cell's centre plus the
+    `weight`-weighted mean displacement (match minus cell) over the kernel x kernel window
+    around it. mapping (B, 2, h, w), weight (B, 1, h, w) >= 0 -> (B, 2, h, w).
+
+    Windows beyond the grid's border count only the cells inside (the box filter's divisor
+    cancels in the ratio); a window with no weight at all keeps the cell's own match.
+    """
+    h, w = mapping.shape[-2:]
+    centres = cell_centres(int(h), int(w), like=mapping).permute(2, 0, 1).unsqueeze(0)
+    pad = kernel // 2
+    moved = F.avg_pool2d((mapping - centres) * weight, kernel, 1, pad)
+    total = F.avg_pool2d(weight, kernel, 1, pad)
+    mean_move = torch.where(total > 1e-6, moved / total.clamp_min(1e-6), mapping - centres)
+    return centres + mean_move
+
+
+def prior_soft_argmax_mapping(
+    similarity: Tensor,
+    beta: Tensor | float,
+    expected: Tensor,
+    sigma_cells: float,
+    grid_size: tuple[int, int],
+) -> Tensor:
+    """Soft-argmax of the matching posterior softmax(beta * similarity + log prior), the
+    prior an isotropic Gaussian of `sigma_cells` cells around `expected` (B, 2, h, w):
+    similarity (B, ht*wt, h, w) -> mapping (B, 2, h, w).
+
+    The Gaussian is separable, so its log is added as a row term (B, ht, 1, h, w) and a
+    column term (B, 1, wt, h, w) instead of one more volume-sized tensor.
+    """
+    ht, wt = grid_size
+    b, _, h, w = similarity.shape
+    centres = cell_centres(ht, wt, like=similarity)
+    xs = centres[0, :, 0].view(1, wt, 1, 1)
+    ys = centres[:, 0, 1].view(1, ht, 1, 1)
+    scale_x = (wt / 2) ** 2 / (2 * sigma_cells**2)
+    scale_y = (ht / 2) ** 2 / (2 * sigma_cells**2)
+    log_px = -scale_x * (xs - expected[:, 0:1]).pow(2)  # (B, wt, h, w)
+    log_py = -scale_y * (ys - expected[:, 1:2]).pow(2)  # (B, ht, h, w)
+    logits = (similarity * beta).reshape(b, ht, wt, h, w) + log_py.unsqueeze(2)
+    logits = logits + log_px.unsqueeze(1)
+    prob = channel_softmax(logits.reshape(b, ht * wt, h, w))
+    return torch.einsum("bnhw,nc->bchw", prob, centres.reshape(ht * wt, 2))
 
 
 def _target_grid(n: int, h: int, w: int) -> tuple[int, int]:
@@ -116,8 +189,17 @@ class SemanticAligner(nn.Module):
         max_residual: float = 0.25,
         consensus: bool = True,
         consensus_rounds: int = 1,
+        motion_prior_kernel: int = 0,
+        motion_prior_sigma: float = 0.75,
     ) -> None:
         super().__init__()
+        if motion_prior_kernel and (motion_prior_kernel % 2 == 0 or motion_prior_sigma <= 0):
+            raise ValueError(
+                f"motion prior needs an odd kernel and sigma > 0, got "
+                f"{motion_prior_kernel} and {motion_prior_sigma}"
+            )
+        self.motion_prior_kernel = motion_prior_kernel
+        self.motion_prior_sigma = motion_prior_sigma
         h, w = grid_size
         self.grid_size = (int(h), int(w))
         self.consensus = consensus
@@ -144,7 +226,17 @@ class SemanticAligner(nn.Module):
         scores = cosine_cross_similarity(source, target)
         if self.consensus:
             scores = neighbourhood_consensus(scores, self.grid_size, rounds=self.consensus_rounds)
-        base, peak = soft_argmax_mapping(scores, self.log_beta.exp(), self.grid_size)
+        beta = self.log_beta.exp()
+        base, peak = soft_argmax_mapping(scores, beta, self.grid_size)
+        with torch.no_grad():  # served measures and prior weights, never trained through
+            reverse = reverse_mapping(scores, beta, self.grid_size)
+        if self.motion_prior_kernel:
+            with torch.no_grad():
+                weight = round_trip_consistency(reverse, base, self.grid_size)
+                expected = neighbourhood_motion(base, weight, self.motion_prior_kernel)
+            base = prior_soft_argmax_mapping(
+                scores, beta, expected, self.motion_prior_sigma, self.grid_size
+            )
         volume = normalise_volume(scores)
         e1 = self.enc1(volume)
         e2 = self.enc2(e1)
@@ -153,8 +245,6 @@ class SemanticAligner(nn.Module):
         d1 = self.dec1(torch.cat([upsample2(d2), e1], dim=1))
         mapping = base + self.max_residual * torch.tanh(self.residual(d1))
         log_sigma = self.uncertainty(torch.cat([d1, peak], dim=1))
-        with torch.no_grad():  # a served measure, never trained: keep it out of autograd
-            confidence = forward_backward_consistency(
-                scores, mapping, self.log_beta.exp(), self.grid_size
-            )
+        with torch.no_grad():
+            confidence = round_trip_consistency(reverse, mapping, self.grid_size)
         return {"mapping": mapping, "log_sigma": log_sigma, "confidence": confidence}

@@ -68,7 +68,10 @@ PARITY = {
         # served model, bound the share of points that move by more than two cells.
         "points_moved_share": 0.2,
         "probabilities": 1e-2,
-        "consistency_median": 0.05,
+        # The neighbourhood motion prior ties each match to its window's matches, so a
+        # near-tie that int8 flips moves its neighbours' consistency too: 0.051 median on the
+        # 64 px test model's three real pictures (VNNI host; 0.05 held without the prior).
+        "consistency_median": 0.08,
     },
 }
 

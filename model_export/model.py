@@ -39,6 +39,10 @@ class ModelConfig:
     consensus: bool = True
     # Rounds of filter + mutual step in that consensus (similarity.neighbourhood_consensus).
     consensus_rounds: int = 1
+    # The neighbourhood motion prior on the base field (alignment.SemanticAligner): window
+    # in cells (0: off, odd) and the Gaussian's sigma in cells. Holds no weights.
+    motion_prior_kernel: int = 0
+    motion_prior_sigma: float = 0.75
     # The backbone blocks forming the hypercolumn (None: the backbone's default taps). A
     # stride-4 first tap (Lite0 block 2) doubles the grid's resolution.
     taps: tuple[int, ...] | None = None
@@ -172,6 +176,8 @@ class JLAD(nn.Module):
             config.align_width or config.head_width,
             consensus=config.consensus,
             consensus_rounds=config.consensus_rounds,
+            motion_prior_kernel=config.motion_prior_kernel,
+            motion_prior_sigma=config.motion_prior_sigma,
         )
         # Frozen from the start: a module is built in training mode, and BatchNorm would
         # otherwise use batch statistics (and drift its running ones) in the first

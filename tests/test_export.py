@@ -22,8 +22,8 @@ torch.set_num_threads(2)
 def _model(size: int) -> JLAD:
     torch.manual_seed(size)
     # The served architecture (configs/*.yaml), narrower: Lite2 hypercolumn, adapter without
-    # its MLP, 1x1-reduced W_D on a projected self-similarity, a narrower W_A, four rounds
-    # of neighbourhood consensus.
+    # its MLP, 1x1-reduced W_D on a projected self-similarity, a narrower W_A, three rounds
+    # of neighbourhood consensus and the neighbourhood motion prior.
     model = JLAD(
         ModelConfig(
             backbone="efficientnet_lite2",
@@ -35,7 +35,8 @@ def _model(size: int) -> JLAD:
             adapter_refine=False,
             landmark_reduce=True,
             selfsim_dim=16,
-            consensus_rounds=4,
+            consensus_rounds=3,
+            motion_prior_kernel=5,
         )
     )
     # a trained-like, non-zero residual so the whole W_A path is exercised

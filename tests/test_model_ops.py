@@ -14,6 +14,8 @@ from model_export.alignment import (
     SemanticAligner,
     channel_softmax,
     forward_backward_consistency,
+    neighbourhood_motion,
+    prior_soft_argmax_mapping,
     soft_argmax_mapping,
 )
 from model_export.backbones import build_backbone
@@ -212,6 +214,82 @@ def test_consistency_is_one_for_self_matching_and_drops_for_a_broken_cycle() -> 
     off = forward_backward_consistency(scores, shifted, 200.0, (8, 8))
     expected = torch.full((8, 4), math.exp(-2.0))
     torch.testing.assert_close(off[0, 0, :, :4], expected, atol=1e-3, rtol=0)
+
+
+def _shifted_identity(h: int, w: int, cells_x: float) -> torch.Tensor:
+    """(1, 2, h, w): every cell matched `cells_x` cells to the right."""
+    field = cell_centres(h, w).permute(2, 0, 1)[None].clone()
+    field[:, 0] += cells_x * 2 / w
+    return field
+
+
+def test_neighbourhood_motion_keeps_a_uniform_shift_and_outvotes_an_outlier() -> None:
+    shift = _shifted_identity(8, 8, 1.0)
+    weight = torch.ones(1, 1, 8, 8)
+    # A uniform shift is its own expectation, at the border too (windows count inside cells).
+    torch.testing.assert_close(neighbourhood_motion(shift, weight, 5), shift, atol=1e-6, rtol=0)
+    # One cell that jumped 4 cells further: its 5 x 5 neighbours pull it back near the shift;
+    # with no weight on it, exactly back.
+    jumped = shift.clone()
+    jumped[0, 0, 4, 4] += 4 * 2 / 8
+    pulled = neighbourhood_motion(jumped, weight, 5)
+    assert abs(float(pulled[0, 0, 4, 4] - shift[0, 0, 4, 4])) * 4 < 4 / 25 + 1e-5
+    weight[0, 0, 4, 4] = 0
+    torch.testing.assert_close(
+        neighbourhood_motion(jumped, weight, 5)[0, :, 4, 4], shift[0, :, 4, 4]
+    )
+    # A window with no weight anywhere keeps the cell's own match.
+    torch.testing.assert_close(neighbourhood_motion(jumped, torch.zeros(1, 1, 8, 8), 5), jumped)
+
+
+def test_prior_soft_argmax_mapping_known_answers() -> None:
+    h = w = 8
+    expected = _shifted_identity(h, w, 0.0)
+    expected[0, :, 3, 3] = cell_centres(h, w)[5, 1]  # one cell expected at (row 5, col 1)
+    # Flat scores: the posterior is the prior; centred on an inner cell, its mean is that
+    # cell's centre (near a border the grid truncates the Gaussian on one side).
+    flat = torch.zeros(1, h * w, h, w)
+    inner = expected.clone()
+    inner[0, :, 3, 3] = cell_centres(h, w)[4, 4]
+    mapping = prior_soft_argmax_mapping(flat, 100.0, inner, 0.75, (h, w))
+    assert mapping.shape == (1, 2, h, w)
+    torch.testing.assert_close(mapping[0, :, 3, 3], cell_centres(h, w)[4, 4], atol=1e-5, rtol=0)
+    # Two equally good matches for source cell (3, 3): the prior picks the one near its
+    # expectation; a huge sigma leaves the plain soft-argmax (their midpoint).
+    twin = torch.zeros(1, h * w, h, w)
+    twin[0, 5 * w + 1, 3, 3] = 1.0
+    twin[0, 1 * w + 6, 3, 3] = 1.0
+    near = prior_soft_argmax_mapping(twin, 100.0, expected, 0.75, (h, w))
+    torch.testing.assert_close(near[0, :, 3, 3], cell_centres(h, w)[5, 1], atol=1e-4, rtol=0)
+    loose = prior_soft_argmax_mapping(twin, 100.0, expected, 1e4, (h, w))
+    plain, _ = soft_argmax_mapping(twin, 100.0)
+    torch.testing.assert_close(loose, plain, atol=1e-4, rtol=0)
+    # A clearly better match far from the expectation still wins (the prior is soft).
+    strong = twin.clone()
+    strong[0, 1 * w + 6, 3, 3] = 1.5  # 50 logits ahead; the prior: 41 cells^2 / 2 sigma^2 = 36
+    far = prior_soft_argmax_mapping(strong, 100.0, expected, 0.75, (h, w))
+    torch.testing.assert_close(far[0, :, 3, 3], cell_centres(h, w)[1, 6], atol=1e-2, rtol=0)
+
+
+def test_aligner_motion_prior_returns_the_swapped_match_and_passes_gradients() -> None:
+    # Source cell (3, 3) looks exactly like target cell (3, 6) as well as its true match
+    # (3, 3) -- a look-alike part -- while all its neighbours match in place. Without the
+    # prior its match lands between the two; with it, in place.
+    f = unit_features(b=1, c=64, h=8, w=8, seed=12)
+    ft = f.clone()
+    ft[0, :, 3, 6] = f[0, :, 3, 3]
+    fs = f.clone().requires_grad_(True)
+    plain = SemanticAligner((8, 8), width=8, consensus=False)
+    with_prior = SemanticAligner((8, 8), width=8, consensus=False, motion_prior_kernel=5)
+    centre = cell_centres(8, 8)[3, 3]
+    off = plain(fs, ft)["mapping"][0, :, 3, 3].detach()
+    out = with_prior(fs, ft)
+    assert float((off - centre).abs().max()) > 0.2  # pulled towards the look-alike
+    torch.testing.assert_close(out["mapping"][0, :, 3, 3].detach(), centre, atol=0.02, rtol=0)
+    out["mapping"].sum().backward()
+    assert fs.grad is not None and float(fs.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="odd kernel"):
+        SemanticAligner((8, 8), motion_prior_kernel=4)
 
 
 def test_aligner_without_consensus_is_plain_soft_argmax() -> None:
