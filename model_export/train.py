@@ -379,11 +379,16 @@ def reset_modules(model: JLAD, names: list[str], seed: int) -> None:
 
 def make_optimizer(model: JLAD, config: dict[str, Any]) -> torch.optim.Optimizer:
     """Adam over the trainable parameters: `lr`, and `backbone_lr` (default: `lr`) for
-    trained backbone blocks, which start from ImageNet weights rather than from scratch."""
+    trained backbone blocks, which start from ImageNet weights rather than from scratch.
+
+    `train_only` (config key, e.g. [detector]): only these modules learn; the rest keep the
+    weights they started with (a W_D refit on real pairs that must leave the served
+    correspondence exactly as it was)."""
     lr = float(config.get("lr", 5e-4))
+    only = tuple(f"{m}." for m in config.get("train_only") or ())
     heads, backbone = [], []
     for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
+        if parameter.requires_grad and (not only or name.startswith(only)):
             (backbone if name.startswith("backbone.") else heads).append(parameter)
     groups: list[dict[str, Any]] = [{"params": heads, "lr": lr}]
     if backbone:

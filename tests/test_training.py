@@ -346,3 +346,24 @@ def test_landmark_training_updates_the_upper_backbone_blocks_only(tmp_path: Path
     assert bank["features"].shape[2] == 40  # the first tap's channels are what is cached
     loaded, _ = load_model(tmp_path / "ckpt")
     assert all(torch.equal(loaded.backbone.state_dict()[k], after[k]) for k in after)
+
+
+def test_train_only_leaves_every_other_module_exactly_as_it_started(tmp_path: Path) -> None:
+    """`train_only: [detector]` on real-pair steps of the landmark side: W_D moves; the
+    adapter (which eq. 2-3 would otherwise move) and W_A / W_C keep their weights."""
+    images = _pictures(TRAIN_PICTURES[:4])
+    data = TrainingImages(images, torch.zeros(len(images), dtype=torch.long))
+    first = run_training(_config(iterations=2), data, tmp_path / "first")
+    config = _config(iterations=0)
+    config.update(
+        init_from=str(tmp_path / "first"),
+        train_only=["detector"],
+        ablation={"train_alignment": False},
+        landmark_loss={"update_features": False},
+        stages=[{"name": "lm", "kind": "joint", "data": "pairs", "iterations": 3}],
+    )
+    before = first.trainable_state()
+    after = run_training(config, data, tmp_path / "second").trainable_state()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("detector.") for k in moved)
+    assert any(k.startswith("adapter.") for k in before)
