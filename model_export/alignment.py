@@ -11,8 +11,9 @@ Choice: the `confidence` served with each match is its forward-backward consiste
 exp(-e^2 / 2) with e the distance in cells between a source cell and where its match maps
 back (the reverse field is the soft-argmax of the same similarity volume over the source
 cells, so it costs no second correlation). On the TSS sample it separates correct from wrong
-matches with ROC AUC 0.89 with one consensus round and 0.76 with the committed `objects`
-model's four (`evaluate tss` reports it), where sigmoid(-s) of the CPU-trained W_C scored
+matches with ROC AUC 0.89 with one consensus round, 0.76 with four and 0.67 with the served
+three rounds and the motion prior (`evaluate tss` reports it: the fewer wrong matches are
+left, the harder those few are to tell apart), where sigmoid(-s) of the CPU-trained W_C scored
 0.51-0.52 in a development check (s stays near its mean everywhere); and it means the same
 thing for every model: 0.5 is a match that comes back within 1.2 cells.
 
@@ -25,9 +26,9 @@ cells around that expectation (`prior_soft_argmax_mapping`). It overrides isolat
 that jumped to a look-alike part (a motorbike's other wheel) while a window smaller than the
 object keeps an object that moves unlike its background (a video) free. Committed `objects`
 weights, 4 consensus rounds, kernel 9, sigma 0.75: PF-WILLOW PCK@0.1 0.745 -> 0.769 (motorbike
-0.537 -> 0.566), TSS mask IoU 0.878 -> 0.887; one global affine fit instead of the window
-scored the same on PF-WILLOW but cost DAVIS anchor J 0.575 -> 0.557 (it follows the
-background).
+0.537 -> 0.566), TSS mask IoU 0.878 -> 0.887; served with 3 rounds: 0.772 (motorbike 0.568),
+0.890, DAVIS anchor J 0.594. One global affine fit instead of the window scored the same on
+PF-WILLOW but cost DAVIS anchor J 0.575 -> 0.557 (it follows the background).
 
 Choice: starting from the soft-argmax field means an untrained W_A already matches like
 nearest neighbours; training moves the features (adapter) and the residual.

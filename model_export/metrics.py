@@ -292,6 +292,22 @@ def leave_one_out_regression(
     return out
 
 
+def box_pattern_landmarks(
+    annotations: ArrayLike, num_landmarks: int, seed: int = 0
+) -> NDArray[np.float64]:
+    """A reference landmark detector that knows where the object is: one fixed random
+    pattern of `num_landmarks` points in [-0.5, 0.5]^2, placed in each image by the centre
+    and the longer side of its annotated keypoints' bounding box. annotations (N, P, 2) ->
+    (N, K, 2), same coordinates. It reads the annotations, so it is an upper reference for
+    `leave_one_out_regression`: what points that only follow the object's position and size
+    would score, not a method."""
+    y = np.asarray(annotations, np.float64)
+    pattern = np.random.default_rng(seed).uniform(-0.5, 0.5, (num_landmarks, 2))
+    centre = (y.max(axis=1) + y.min(axis=1)) / 2
+    size = (y.max(axis=1) - y.min(axis=1)).max(axis=1)
+    return np.asarray(centre[:, None] + size[:, None, None] * pattern[None])
+
+
 def leave_one_out_mean_shape(annotations: ArrayLike) -> NDArray[np.float64]:
     """The mean-shape baseline of `leave_one_out_regression`: each image's points predicted
     as the mean of the other images' (N, P, 2) -> (N, P, 2)."""

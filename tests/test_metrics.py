@@ -18,6 +18,7 @@ from jlad_client.warp import identity_grid
 
 from model_export.baselines import identity_mapping, nearest_neighbour_mapping
 from model_export.metrics import (
+    box_pattern_landmarks,
     fit_landmark_regressor,
     flow_accuracy,
     keypoint_bbox_size,
@@ -261,3 +262,18 @@ def test_leave_one_out_mean_shape_leaves_the_image_out() -> None:
     points = np.array([[[0.0, 0.0]], [[2.0, 4.0]], [[4.0, 8.0]]])
     expected = np.array([[[3.0, 6.0]], [[2.0, 4.0]], [[1.0, 2.0]]])
     np.testing.assert_allclose(leave_one_out_mean_shape(points), expected)
+
+
+def test_box_pattern_landmarks_follow_the_keypoint_box() -> None:
+    keypoints = np.array([[[0.0, 0.0], [2.0, 1.0]], [[1.0, 1.0], [5.0, 3.0]]])  # boxes 2, 4
+    points = box_pattern_landmarks(keypoints, 3)
+    assert points.shape == (2, 3, 2)
+    # Same pattern in both images: the second is the first scaled 2x about the box centres.
+    np.testing.assert_allclose(points[1] - [3.0, 2.0], 2 * (points[0] - [1.0, 0.5]))
+    assert np.all(np.abs(points[0] - [1.0, 0.5]) <= 1.0)  # within half the longer side
+    # Objects that differ only in position and size: the box pattern predicts them exactly.
+    shape = np.array([[0.0, 0.0], [1.0, 0.2], [0.3, 1.0], [0.8, 0.9]])
+    rng = np.random.default_rng(0)
+    objects = np.stack([rng.uniform(-1, 1, 2) + rng.uniform(0.5, 2) * shape for _ in range(8)])
+    predicted = leave_one_out_regression(box_pattern_landmarks(objects, 10), objects)
+    np.testing.assert_allclose(predicted, objects, atol=1e-3)

@@ -11,7 +11,9 @@ Per class (all its images), from the checkpoint's `model.landmarks` points:
 - regressor error: a linear map without bias from the K points to the 10 annotated
   keypoints (normalised coordinates of each image), fitted and tested leave-one-image-out
   within the class, in % of the keypoint box's longer side; beside it the mean-shape
-  baseline (the mean keypoints of the other images).
+  baseline (the mean keypoints of the other images) and the `box_oracle` reference (the same
+  regressor on points that only follow the annotated object's box: what tracking the
+  object's position and size alone would score).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm import tqdm
 from model_export.data import PFWillow, image_to_tensor, read_pf_keypoints, read_rgb
 from model_export.evaluation.common import RGB, captioned, image_features, mean, save_png, tile
 from model_export.metrics import (
+    box_pattern_landmarks,
     keypoint_error,
     landmark_spread,
     leave_one_out_mean_shape,
@@ -86,6 +89,9 @@ def evaluate_objects_landmarks(
         predictions = {
             "model": leave_one_out_regression(normalised, truth),
             "mean_shape": leave_one_out_mean_shape(truth),
+            "box_oracle": leave_one_out_regression(
+                box_pattern_landmarks(truth, normalised.shape[1]), truth
+            ),
         }
         errors = {
             method: keypoint_error(per_image_pixels(pred, sizes), keypoints)
@@ -101,6 +107,7 @@ def evaluate_objects_landmarks(
                 "regressor_error_percent": float(errors["model"].mean()),
             },
             "mean_shape": {"regressor_error_percent": float(errors["mean_shape"].mean())},
+            "box_oracle": {"regressor_error_percent": float(errors["box_oracle"].mean())},
             "num_images": len(images),
             "purity_per_landmark": purity.tolist(),
             "majority_keypoint": majority,
@@ -109,12 +116,13 @@ def evaluate_objects_landmarks(
         }
         log.info(
             "objects-landmarks %-14s spread %.1f %%  purity %.2f  regressor %.1f %% "
-            "(mean shape %.1f %%)",
+            "(mean shape %.1f %%, box oracle %.1f %%)",
             category,
             per_class[category]["model"]["spread_percent"],
             per_class[category]["model"]["part_purity"],
             per_class[category]["model"]["regressor_error_percent"],
             per_class[category]["mean_shape"]["regressor_error_percent"],
+            per_class[category]["box_oracle"]["regressor_error_percent"],
         )
         if figures > 0:
             grid = _class_figure(images[:figures], pixels[:figures], keypoints[:figures], spread)
@@ -138,6 +146,9 @@ def evaluate_objects_landmarks(
         "mean_shape": {
             "regressor_error_percent": over_classes("mean_shape", "regressor_error_percent")
         },
+        "box_oracle": {
+            "regressor_error_percent": over_classes("box_oracle", "regressor_error_percent")
+        },
     }
     return {
         "methods": methods,
@@ -155,8 +166,9 @@ def evaluate_objects_landmarks(
         "image diagonal; purity = share of images whose nearest keypoint to landmark k is "
         "the most common one, mean over k; regressor = linear map without bias K points -> "
         "keypoints (normalised coordinates), leave-one-image-out, error in % of the keypoint "
-        "box's longer side; mean_shape = mean keypoints of the other images; 'methods' = "
-        "mean over classes",
+        "box's longer side; mean_shape = mean keypoints of the other images; box_oracle = "
+        "the same regressor on a fixed pattern placed by the annotated keypoints' box (reads "
+        "the annotations: an upper reference); 'methods' = mean over classes",
     }
 
 
