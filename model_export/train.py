@@ -26,7 +26,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -399,6 +399,36 @@ def make_optimizer(model: JLAD, config: dict[str, Any]) -> torch.optim.Optimizer
 # --- loop ----------------------------------------------------------------------------------------
 
 
+def view_bank_key(
+    config: dict[str, Any], warp: WarpConfig, views: int, images: int | None
+) -> dict[str, Any]:
+    """What a view bank's features depend on: the data, the seed (the views' warps), the
+    warp ranges, the view count and the frozen part of the model."""
+    model = ModelConfig.from_dict(config["model"]).to_dict()
+    frozen = ("backbone", "hypercolumn", "taps", "input_size", "train_upper_backbone")
+    return {
+        "data": config.get("data"),
+        "images": images,
+        "seed": int(config.get("seed", 0)),
+        "warp": asdict(warp),
+        "views": views,
+        "model": {k: model[k] for k in frozen},
+    }
+
+
+def load_view_bank(path: Path, key: dict[str, Any] | None) -> ViewBank:
+    """A cached view bank; with `key`, only one made for the same data, warps and frozen
+    model (another run's `views_cache.pt`, config key `views_cache`, CLI `--views-cache`)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if key is not None and saved.get("key") != json.dumps(key):
+        raise ValueError(
+            f"{path} was made for other data, warps or backbone (stored key "
+            f"{saved.get('key')}, this run {json.dumps(key)}): leave out views_cache"
+        )
+    log.info("reusing cached view features %s from %s", tuple(saved["features"].shape), path)
+    return ViewBank(saved["features"], saved["affines"])
+
+
 @dataclass
 class TrainState:
     stage: int = 0
@@ -453,17 +483,22 @@ def run_training(
     bank: ViewBank | None = None
     if space == "views":
         bank_path = out / "views_cache.pt"
-        if resume and bank_path.exists():
-            saved_bank = torch.load(bank_path, map_location="cpu", weights_only=True)
-            bank = ViewBank(saved_bank["features"], saved_bank["affines"])
-            log.info("reusing cached view features %s", tuple(bank.features.shape))
+        views = int(config.get("views_per_image", 4))
+        key = view_bank_key(config, warp, views, None if data is None else len(data.images))
+        shared = config.get("views_cache")
+        if shared:  # another run's bank, read in place (a few GB: never copied)
+            bank = load_view_bank(Path(shared), key)
+        elif resume and bank_path.exists():
+            bank = load_view_bank(bank_path, None)
         else:
             assert data is not None
-            views = int(config.get("views_per_image", 4))
             bank_gen = torch.Generator().manual_seed(seed + 1)
             bank = cache_view_features(model, data.images, views, warp, bank_gen)
             out.mkdir(parents=True, exist_ok=True)
-            torch.save({"features": bank.features, "affines": bank.affines}, bank_path)
+            torch.save(
+                {"features": bank.features, "affines": bank.affines, "key": json.dumps(key)},
+                bank_path,
+            )
         cached = bank.features[:, 0]
     cache_path = out / "features_cache.pt"
     if cached is None and resume and cache_path.exists():
@@ -634,6 +669,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--init", type=Path, help="start from this checkpoint's weights (config key init_from)"
     )
+    parser.add_argument(
+        "--views-cache",
+        type=Path,
+        help="reuse another run's views_cache.pt made from the same data, seed, warps and "
+        "backbone (config key views_cache; refused when any differs)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -642,6 +683,8 @@ def main(argv: list[str] | None = None) -> None:
     config["data"] = str(args.data)
     if args.init is not None:
         config["init_from"] = str(args.init)
+    if args.views_cache is not None:
+        config["views_cache"] = str(args.views_cache)
     data = load_training_images(config, args.data)
     log.info("training on %d images in %d groups", len(data.images), len(set(data.groups.tolist())))
     run_training(config, data, args.out, resume=args.resume)

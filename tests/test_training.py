@@ -367,3 +367,23 @@ def test_train_only_leaves_every_other_module_exactly_as_it_started(tmp_path: Pa
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(k.startswith("detector.") for k in moved)
     assert any(k.startswith("adapter.") for k in before)
+
+
+def test_a_run_reuses_another_runs_view_bank_only_when_it_was_made_alike(tmp_path: Path) -> None:
+    """`views_cache` (CLI `--views-cache`): a second run reads the first run's view bank in
+    place (same data, seed, warps, backbone: identical training), and refuses a bank made
+    with other warps."""
+    images = _pictures(TRAIN_PICTURES[:3])
+    data = TrainingImages(images, torch.zeros(len(images), dtype=torch.long))
+    first = run_training(_landmark_config(iterations=3), data, tmp_path / "first")
+    config = _landmark_config(iterations=3)
+    config["views_cache"] = str(tmp_path / "first" / "views_cache.pt")
+    second = run_training(config, data, tmp_path / "second")
+    assert not (tmp_path / "second" / "views_cache.pt").exists()  # read in place
+    a, b = first.trainable_state(), second.trainable_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same bank, same seed: same steps
+    other = _landmark_config(iterations=1)
+    other["warp"] = {**other["warp"], "scale": 0.5}  # type: ignore[dict-item]
+    other["views_cache"] = config["views_cache"]
+    with pytest.raises(ValueError, match="other data, warps or backbone"):
+        run_training(other, data, tmp_path / "third")
