@@ -276,11 +276,13 @@ def export_model(
     int8: bool = True,
     calibration: Path | None = None,
     calibration_images: int | None = None,
+    int8_reduce_range: bool | None = None,
 ) -> Path:
     """Export `model` to `out_dir/<name>/<version>/`; returns that directory.
 
     `int8`: also write the int8 graphs, calibrated on `calibration_images` images from the
-    folder `calibration` (None: scikit-image sample images; default counts in quantize.py)."""
+    folder `calibration` (None: scikit-image sample images; default counts in quantize.py),
+    with 7-bit weights when `int8_reduce_range` (None: unless this CPU has VNNI)."""
     model = model.eval()
     root = out_dir / name / version
     specs = graph_specs(model)
@@ -293,7 +295,12 @@ def export_model(
     quantization = None
     if int8:
         quantization = quantize_model(
-            root, model.config.input_size, model.grid_size, calibration, calibration_images
+            root,
+            model.config.input_size,
+            model.grid_size,
+            calibration,
+            calibration_images,
+            reduce_range=int8_reduce_range,
         )
         variants = (*variants, "int8")
     manifest = build_manifest(
@@ -312,6 +319,7 @@ def export_checkpoint(
     int8: bool = True,
     calibration: Path | None = None,
     calibration_images: int | None = None,
+    int8_reduce_range: bool | None = None,
 ) -> Path:
     model, config = load_model(checkpoint)
     return export_model(
@@ -325,6 +333,7 @@ def export_checkpoint(
         int8=int8,
         calibration=calibration,
         calibration_images=calibration_images,
+        int8_reduce_range=int8_reduce_range,
     )
 
 
@@ -374,6 +383,13 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         help="images to calibrate int8 on (default: 256 from a folder, 32 samples)",
     )
+    parser.add_argument(
+        "--int8-reduce-range",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="7-bit int8 weights: needed on x86 CPUs without VNNI, a small loss on those "
+        "with it; auto = on unless this CPU has VNNI (the manifest records it)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(min(torch.get_num_threads(), 2))
@@ -399,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
             int8=not args.no_int8,
             calibration=folders[name],
             calibration_images=args.calibration_images,
+            int8_reduce_range={"auto": None, "on": True, "off": False}[args.int8_reduce_range],
         )
         log.info("wrote %s", root)
 

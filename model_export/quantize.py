@@ -77,12 +77,28 @@ F32 = NDArray[np.float32]
 # AVX2 integer kernels. With int8 activations (S8S8) ONNX Runtime 1.32 left 18 of the 48
 # backbone convolutions and every residual Add in float on this machine (2.5x slower).
 ACTIVATION_TYPE = QuantType.QUInt8
-# 7-bit weights. On x86 CPUs without VNNI (AVX2 / AVX-512F only), MLAS's U8S8 kernels add
-# pairs of u8 x s8 products in int16, which saturates with full-range weights: on such a VM
-# the test model's int8 features fell to cosine 0.85-0.90 of fp32 (>= 0.95 on a VNNI host).
-# ONNX Runtime's documentation recommends reduce_range there; the graph must serve on
-# whatever CPU it lands on, so it is always on.
-REDUCE_RANGE = True
+# 7-bit weights (`reduce_range`) on x86 CPUs without VNNI (AVX2 / AVX-512F only): there
+# MLAS's U8S8 kernels add pairs of u8 x s8 products in int16, which saturates with
+# full-range weights (an AVX2-only VM: the test model's int8 features at cosine 0.85-0.90 of
+# fp32, >= 0.95 on a VNNI host), and ONNX Runtime's documentation recommends it. On a VNNI
+# CPU the lost bit costs accuracy instead: with the scikit-image calibration the committed
+# `faces` int8 landmarks of one real face jumped by 10-15 cells with it and stayed put
+# without. So the default follows the CPU that exports (the one the graphs are meant for);
+# `--int8-reduce-range on` makes graphs safe for any x86 CPU. The manifest records it.
+
+
+def cpu_has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this (Linux x86) CPU has VNNI (AVX-512 VNNI or AVX-VNNI); False where unknown."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def default_reduce_range() -> bool:
+    """`reduce_range` for graphs served on this CPU: on unless it has VNNI."""
+    return not cpu_has_vnni()
 
 
 @dataclass(frozen=True)
@@ -266,7 +282,9 @@ def int8_nodes(model: onnx.ModelProto) -> set[str]:
     return chosen
 
 
-def quantize_graph(src: Path, dst: Path, feeds: Sequence[dict[str, F32]]) -> dict[str, Any]:
+def quantize_graph(
+    src: Path, dst: Path, feeds: Sequence[dict[str, F32]], reduce_range: bool
+) -> dict[str, Any]:
     """Write the int8 QDQ copy of graph `src` to `dst`; returns what was quantized."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     # the optimiser warns about every initializer it drops (dozens per graph); errors only
@@ -290,7 +308,7 @@ def quantize_graph(src: Path, dst: Path, feeds: Sequence[dict[str, F32]]) -> dic
             op_types_to_quantize=quantized,
             nodes_to_quantize=sorted(nodes),
             per_channel=True,
-            reduce_range=REDUCE_RANGE,
+            reduce_range=reduce_range,
             activation_type=ACTIVATION_TYPE,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
@@ -351,14 +369,19 @@ def quantize_model(
     calibration: Path | None = None,
     images: int | None = None,
     held_out: int = 8,
+    reduce_range: bool | None = None,
 ) -> dict[str, Any]:
     """Write `<model_root>/int8/*.onnx` from `<model_root>/fp32/*.onnx`; returns the
     manifest's `quantization` entry (calibration set, what stayed float, and the int8
     graphs' agreement with fp32 on `held_out` images that were not calibrated on).
 
     `images`: how many to calibrate on; default `FOLDER_IMAGES` from a folder, and
-    `SAMPLE_IMAGES` without one (CI: a few crops cover the sample pictures' variety)."""
+    `SAMPLE_IMAGES` without one (CI: a few crops cover the sample pictures' variety).
+    `reduce_range`: 7-bit weights (None: `default_reduce_range()`, i.e. unless this CPU has
+    VNNI)."""
     started = time.monotonic()
+    if reduce_range is None:
+        reduce_range = default_reduce_range()
     if images is None:
         images = FOLDER_IMAGES if calibration is not None else SAMPLE_IMAGES
     cal = calibration_set(calibration, input_size, images + held_out)
@@ -368,13 +391,19 @@ def quantize_model(
     graphs = {}
     for graph in tqdm(GRAPH_NAMES, desc="quantize", unit="graph", leave=False):
         graphs[graph] = quantize_graph(
-            fp32_dir / f"{graph}.onnx", int8_dir / f"{graph}.onnx", feeds[graph]
+            fp32_dir / f"{graph}.onnx", int8_dir / f"{graph}.onnx", feeds[graph], reduce_range
         )
         log.info("quantized %s/%s: %s", model_root, graph, graphs[graph])
     return {
         "format": "QDQ (onnxruntime.quantization.quantize_static)",
         "activations": "uint8, asymmetric, per tensor, MinMax calibration",
-        "weights": "int8, symmetric, per output channel",
+        "weights": "int8, symmetric, per output channel"
+        + (", 7-bit range (reduce_range)" if reduce_range else ", full range"),
+        "reduce_range": reduce_range,
+        "serve_on": "any x86 CPU"
+        if reduce_range
+        else "x86 CPUs with VNNI (exported with full-range weights: on a CPU without VNNI "
+        "re-export with --int8-reduce-range on)",
         "calibration": {**cal.describe(), "images": len(calibrate)},
         "float_ops": FLOAT_OPS_NOTE,
         "graphs": graphs,

@@ -15,6 +15,7 @@ from skimage import data as skdata
 
 from model_export.export import PARITY, export_model, sha256
 from model_export.model import JLAD, ModelConfig
+from model_export.quantize import cpu_has_vnni, default_reduce_range
 
 torch.set_num_threads(2)
 
@@ -215,6 +216,9 @@ def test_manifest_describes_the_files(exported: tuple[JLAD, Path]) -> None:
     assert calibration["path"] is None
     assert calibration["images"] == 24
     assert manifest["quantization"]["agreement_with_fp32"]["images"] == 8
+    # 7-bit weights unless the exporting CPU has VNNI, said in the manifest
+    assert manifest["quantization"]["reduce_range"] is default_reduce_range()
+    assert ("any x86 CPU" in manifest["quantization"]["serve_on"]) is default_reduce_range()
     for variant in ("fp32", "fp16", "int8"):
         for graph in ("backbone", "landmarks", "align"):
             entry = manifest["variants"][variant][graph]
@@ -229,3 +233,13 @@ def test_batch_axis_is_dynamic_in_every_graph(exported: tuple[JLAD, Path]) -> No
         sess = _session(root / "fp32" / f"{graph}.onnx")
         for tensor in [*sess.get_inputs(), *sess.get_outputs()]:
             assert isinstance(tensor.shape[0], str), (graph, tensor.name, tensor.shape)
+
+
+def test_cpu_has_vnni_reads_the_cpu_flags(tmp_path: Path) -> None:
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("flags\t\t: fpu sse2 avx avx2 fma\n")
+    vnni = tmp_path / "vnni"
+    vnni.write_text("flags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert not cpu_has_vnni(avx2)
+    assert cpu_has_vnni(vnni)
+    assert not cpu_has_vnni(tmp_path / "missing")  # unknown: not VNNI (the safe side)
