@@ -120,10 +120,11 @@ def landmark_loss(
     margin: float = 0.05,
     separation_weight: float = 1.0,
     separation: str = "squared",
+    concentration_weight: float = 1.0,
 ) -> Tensor:
-    """Eq. 6, landmark loss = concentration (eq. 4) + separation (eq. 5)."""
-    return concentration_loss(heatmaps) + separation_weight * separation_loss(
-        points, margin, separation
+    """Eq. 6, landmark loss = concentration (eq. 4) + separation (eq. 5), each weighted."""
+    return concentration_weight * concentration_loss(heatmaps) + separation_weight * (
+        separation_loss(points, margin, separation)
     )
 
 

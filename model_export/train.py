@@ -281,13 +281,23 @@ class LandmarkTerms:
     # eq. 5's form: `squared` (the hinge on squared distances) or `distance` (see
     # losses.separation_loss: parts collapsed landmarks again).
     separation: str = "squared"
+    # Eq. 4's weight. It is in cells^2 while eq. 7 is in normalised units^2 (one cell =
+    # 2 / grid), so at weight 1 (x lambda_D = 10) a cell^2 of heatmap spread costs ten times
+    # a cell^2 of equivariance error under lambda_J = 100 on a 20-cell grid: sharp maps win
+    # over maps that follow the warp.
+    concentration_weight: float = 1.0
 
     def features(self, features: Tensor) -> Tensor:
         return features if self.update_features else features.detach()
 
     def __call__(self, out: dict[str, Tensor]) -> Tensor:
         return losses.landmark_loss(
-            out["heatmaps"], out["points"], self.margin, self.separation_weight, self.separation
+            out["heatmaps"],
+            out["points"],
+            self.margin,
+            self.separation_weight,
+            self.separation,
+            self.concentration_weight,
         )
 
 
@@ -353,12 +363,38 @@ def joint_step(
     }
 
 
-def init_weights(model: JLAD, checkpoint: Path) -> None:
+def stage_index_named(stages: list[dict[str, Any]], name: str | None) -> int:
+    """Index of the stage called `name` (0 when None): where `from_stage` starts a run."""
+    if name is None:
+        return 0
+    names = [str(stage["name"]) for stage in stages]
+    if name not in names:
+        raise ValueError(f"no stage named {name!r}: the config has {names}")
+    return names.index(name)
+
+
+def earlier_history(config: dict[str, Any], first_stage: int) -> list[dict[str, Any]]:
+    """With `from_stage`: the `init_from` checkpoint's history of the stages skipped, so that
+    history.json and the loss curves still show the whole recipe."""
+    path = Path(str(config.get("init_from"))) / "history.json"
+    if not first_stage or not path.exists():
+        return []
+    return [r for r in json.loads(path.read_text()) if int(r["stage"]) < first_stage]
+
+
+def init_weights(model: JLAD, checkpoint: Path, skip: tuple[str, ...] = ()) -> None:
     """Load the trainable weights of the checkpoint directory `checkpoint` into `model`. Every
-    weight must fit; options that hold no weights (e.g. `consensus_rounds`) may differ."""
+    weight must fit, except those of the modules in `skip` (e.g. a detector the first stage
+    resets anyway, so its architecture may change); options that hold no weights (e.g.
+    `consensus_rounds`) may differ."""
     trained, _ = load_model(checkpoint)
+    prefixes = tuple(f"{m}." for m in skip)
+    weights = {k: v for k, v in trained.state_dict().items() if not k.startswith(prefixes)}
     try:
-        model.load_state_dict(trained.state_dict())
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.startswith(prefixes)]
+        if missing or unexpected:
+            raise RuntimeError(f"missing {missing[:4]}, unexpected {unexpected[:4]}")
     except RuntimeError as err:
         raise ValueError(f"{checkpoint}: architecture differs from the config's: {err}") from err
     log.info("initialised from %s", checkpoint)
@@ -451,12 +487,16 @@ def run_training(
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     model = JLAD(ModelConfig.from_dict(config["model"]))
+    first_stage = stage_index_named(config["stages"], config.get("from_stage"))
+    if first_stage and not config.get("init_from"):
+        raise ValueError("from_stage needs init_from: the earlier stages' weights")
     if config.get("init_from") and not (resume and (out / "train_state.pt").exists()):
         # Start from a trained checkpoint's weights (its architecture must match): e.g. refit
         # W_D alone (a stage with `reset: [detector]`) on a model whose other parts stay.
-        init_weights(model, Path(config["init_from"]))
+        first_reset = tuple(config["stages"][first_stage].get("reset") or ())
+        init_weights(model, Path(config["init_from"]), skip=first_reset)
     optimizer = make_optimizer(model, config)
-    state = TrainState()
+    state = TrainState(stage=first_stage, history=earlier_history(config, first_stage))
     state_path = out / "train_state.pt"
     if resume and state_path.exists():
         saved = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -675,6 +715,11 @@ def main(argv: list[str] | None = None) -> None:
         help="reuse another run's views_cache.pt made from the same data, seed, warps and "
         "backbone (config key views_cache; refused when any differs)",
     )
+    parser.add_argument(
+        "--from-stage",
+        help="skip the stages before this one (config key from_stage; needs --init: a "
+        "checkpoint of the earlier stages), e.g. to redo a config's last stage",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -685,6 +730,8 @@ def main(argv: list[str] | None = None) -> None:
         config["init_from"] = str(args.init)
     if args.views_cache is not None:
         config["views_cache"] = str(args.views_cache)
+    if args.from_stage is not None:
+        config["from_stage"] = args.from_stage
     data = load_training_images(config, args.data)
     log.info("training on %d images in %d groups", len(data.images), len(set(data.groups.tolist())))
     run_training(config, data, args.out, resume=args.resume)

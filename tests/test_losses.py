@@ -116,6 +116,17 @@ def test_landmark_loss_eq6_is_the_sum() -> None:
     )
 
 
+def test_landmark_loss_eq6_weighs_each_term() -> None:
+    heat = torch.softmax(torch.randn(2, 3, 5, 5).flatten(2), -1).reshape(2, 3, 5, 5)
+    pts = torch.zeros(2, 3, 2)  # collapsed: eq. 5 is at its maximum
+    torch.testing.assert_close(
+        losses.landmark_loss(heat, pts, separation_weight=4.0, concentration_weight=0.1),
+        0.1 * losses.concentration_loss(heat) + 4.0 * losses.separation_loss(pts),
+    )
+    only_separation = losses.landmark_loss(heat, pts, concentration_weight=0.0)
+    torch.testing.assert_close(only_separation, losses.separation_loss(pts))
+
+
 def test_joint_loss_eq7_zero_when_tau_carries_landmarks_exactly() -> None:
     pts = torch.tensor([[[-0.5, -0.5], [0.25, 0.5]]])
     m = identity_mapping(1, 8, 8)

@@ -325,6 +325,44 @@ def test_training_can_start_from_a_trained_checkpoint(tmp_path: Path) -> None:
         run_training(other, data, tmp_path / "third")
 
 
+def test_from_stage_redoes_only_the_named_stage_on_a_checkpoint(tmp_path: Path) -> None:
+    """`from_stage` (CLI `--from-stage`): the stages before it are skipped, the run starts from
+    `init_from`'s weights and history of the skipped stages, and a detector that stage resets
+    may change its architecture (its old weights are not loaded). Without `init_from` it is
+    refused; so is an unknown name."""
+    images = _pictures(TRAIN_PICTURES[:3])
+    data = TrainingImages(images, torch.zeros(len(images), dtype=torch.long))
+    first = _config(iterations=3)
+    trained = run_training(first, data, tmp_path / "first").trainable_state()
+    config = _config(iterations=50)  # the align stage would run 50 steps if it were not skipped
+    config["model"] = {**config["model"], "num_landmarks": 6}  # type: ignore[dict-item]
+    config["stages"] = [
+        *config["stages"],  # type: ignore[list-item]
+        {
+            "name": "lm",
+            "kind": "landmarks",
+            "data": "synthetic",
+            "iterations": 2,
+            "reset": ["detector"],
+        },
+    ]
+    config["init_from"] = str(tmp_path / "first")
+    config["from_stage"] = "lm"
+    redone = run_training(config, data, tmp_path / "redo")
+    after = redone.trainable_state()
+    history = json.loads((tmp_path / "redo" / "history.json").read_text())
+    # The skipped stage's history comes from the checkpoint (3 steps), then the 2 new ones.
+    assert [entry["stage"] for entry in history] == [0, 0, 0, 1, 1]
+    assert redone.detector.head.out_channels == 6
+    # Landmark-side steps leave the aligner alone: it is exactly the checkpoint's.
+    aligner = [k for k in after if k.startswith("aligner.")]
+    assert aligner and all(torch.equal(after[k], trained[k]) for k in aligner)
+    with pytest.raises(ValueError, match="needs init_from"):
+        run_training({**config, "init_from": None}, data, tmp_path / "bare")
+    with pytest.raises(ValueError, match="no stage named"):
+        run_training({**config, "from_stage": "nope"}, data, tmp_path / "unknown")
+
+
 def test_landmark_training_updates_the_upper_backbone_blocks_only(tmp_path: Path) -> None:
     """`train_upper_backbone`: landmark steps on cached first-tap views move the blocks after
     the first tap (at `backbone_lr`) and leave the lower blocks and every BatchNorm statistic
