@@ -376,8 +376,10 @@ def stage_index_named(stages: list[dict[str, Any]], name: str | None) -> int:
 def earlier_history(config: dict[str, Any], first_stage: int) -> list[dict[str, Any]]:
     """With `from_stage`: the `init_from` checkpoint's history of the stages skipped, so that
     history.json and the loss curves still show the whole recipe."""
-    path = Path(str(config.get("init_from"))) / "history.json"
-    if not first_stage or not path.exists():
+    if not first_stage:
+        return []
+    path = Path(str(config["init_from"])) / "history.json"
+    if not path.exists():
         return []
     return [r for r in json.loads(path.read_text()) if int(r["stage"]) < first_stage]
 
