@@ -211,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
         "their faces, %(default)s); give the flag alone to keep every face",
     )
     parser.add_argument(
+        "--sharpness-sweep",
+        type=lambda text: [float(v) for v in text.split(",")],
+        default=[],
+        metavar="A,B,...",
+        help="objects-landmarks: also sweep the heatmap sharpness over these values, with "
+        "each class's leave-one-class-out choice (e.g. 1,1.5,2,2.5,3,4,5,7,10)",
+    )
+    parser.add_argument(
         "--docs-img",
         type=Path,
         default=None,
@@ -255,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
             options["figures"] = args.figures
         if task in LANDMARK_TASKS or task == "davis":
             options["docs_img"] = args.docs_img
+        if task == "objects-landmarks" and args.sharpness_sweep:
+            options["sharpness_sweep"] = args.sharpness_sweep
         if task == "faces":
             # The split training used: its config's seed and held-out share.
             trained = load_config(checkpoint)

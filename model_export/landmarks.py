@@ -71,9 +71,13 @@ class LandmarkDetector(nn.Module):
         use_features: bool = True,
         reduce: bool = False,
         selfsim_dim: int = 0,
+        sharpness: float = 1.0,
     ) -> None:
         super().__init__()
+        if sharpness <= 0:
+            raise ValueError(f"heatmap sharpness must be > 0, got {sharpness}")
         self.radius = radius
+        self.sharpness = sharpness
         self.use_features = use_features
         # `selfsim_dim`: eq. 1's self-similarity on a learned projection of the features to
         # this many channels (0: on the features themselves). Its (2r+1)^2 shifted products
@@ -103,6 +107,12 @@ class LandmarkDetector(nn.Module):
         x = self_similarity(shape, self.radius)
         if self.use_features:
             x = torch.cat([x, features], dim=1)
-        heatmaps = spatial_softmax(self.head(self.body(x)))
+        logits = self.head(self.body(x))
+        if not self.training and self.sharpness != 1.0:
+            # Inference only: eq. 4 at a small weight (configs say why) leaves broad maps,
+            # whose mean is pulled towards the object's middle; training keeps the maps the
+            # losses were written for.
+            logits = logits * self.sharpness
+        heatmaps = spatial_softmax(logits)
         points = soft_argmax(heatmaps)
         return {"heatmaps": heatmaps, "points": points, "confidence": peak_mass(heatmaps, points)}

@@ -52,6 +52,10 @@ class ModelConfig:
     align_width: int = 0
     landmark_reduce: bool = False
     selfsim_dim: int = 0  # W_D's self-similarity on a learned projection (0: the features)
+    # W_D's heatmaps at inference are softmax(a * logits) (a = this; training always uses 1):
+    # a > 1 moves each soft-argmax from the map's mean towards its mode. Holds no weights,
+    # so it can be set on a trained checkpoint (README, "objects" landmarks).
+    heatmap_sharpness: float = 1.0
     # Train the backbone blocks after the first hypercolumn tap (EfficientNet-Lite only), as
     # the paper updates W_F. They are stored in the checkpoint; the blocks up to the first
     # tap stay frozen (ImageNet), and training caches that tap's output instead of the
@@ -170,6 +174,7 @@ class JLAD(nn.Module):
             config.landmark_uses_features,
             reduce=config.landmark_reduce,
             selfsim_dim=config.selfsim_dim,
+            sharpness=config.heatmap_sharpness,
         )
         self.aligner = SemanticAligner(
             self.grid_size,

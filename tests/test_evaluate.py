@@ -32,6 +32,7 @@ from model_export.data import (
     warp_affine,
 )
 from model_export.evaluate import METHODS, main
+from model_export.evaluation.object_landmarks import choose_by_other_classes
 from model_export.metrics import landmark_error
 from model_export.model import JLAD, ModelConfig
 from tests.test_evaluate_davis import write_davis
@@ -248,6 +249,52 @@ def test_single_task_updates_checkpoint_metrics(trees: Path, tmp_path: Path) -> 
     metrics = json.loads((checkpoint / "metrics.json").read_text())
     assert metrics["pfwillow"]["methods"]["identity"]["pck@0.1"] == 1.0
     assert not list((tmp_path / "o").glob("pfwillow/*.png"))
+
+
+def test_choose_by_other_classes_never_sees_the_class_it_scores() -> None:
+    errors = {
+        1.0: {"a": 1.0, "b": 5.0, "c": 5.0},
+        2.0: {"a": 9.0, "b": 2.0, "c": 2.0},
+        3.0: {"a": 0.0, "b": 4.0, "c": 9.0},
+    }
+    # Means over the other classes: without a, 2.0 (2.0 on b and c); without b, 1.0 (3.0 on a
+    # and c); without c, 3.0 (2.0 on a and b). Each scored on the class left out.
+    assert choose_by_other_classes(errors) == {"a": (2.0, 9.0), "b": (1.0, 5.0), "c": (3.0, 9.0)}
+    # Ties go to the setting listed first.
+    assert choose_by_other_classes({2.0: {"a": 1.0, "b": 1.0}, 1.0: {"a": 1.0, "b": 1.0}}) == {
+        "a": (2.0, 1.0),
+        "b": (2.0, 1.0),
+    }
+    assert choose_by_other_classes({1.0: {"a": 1.0}}) == {}  # no other class to choose on
+
+
+def test_objects_landmarks_sharpness_sweep(trees: Path, tmp_path: Path) -> None:
+    reports = main(
+        [
+            "objects-landmarks",
+            "--checkpoint",
+            str(trees / "checkpoints" / "objects"),
+            "--data",
+            str(trees / "data" / "pf-willow-sample"),
+            "--out",
+            str(tmp_path),
+            "--figures",
+            "0",
+            "--sharpness-sweep",
+            "1,4",
+        ]
+    )
+    report = reports["objects-landmarks"]
+    sweep = report["sharpness_sweep"]
+    assert report["heatmap_sharpness"] == 1.0  # the sweep leaves the served value alone
+    assert set(sweep["values"]) == {"1.0", "4.0"}
+    # Sharpness 1 is the checkpoint as served: the sweep's figures are the report's.
+    assert sweep["values"]["1.0"]["methods"] == report["methods"]
+    assert sweep["values"]["4.0"]["methods"] != report["methods"]
+    for category, choice in sweep["chosen_on_other_classes"].items():
+        assert choice["sharpness"] in (1.0, 4.0)
+        at = sweep["values"][str(choice["sharpness"])]["regressor_error_percent"][category]
+        assert choice["regressor_error_percent"] == at
 
 
 def test_committed_objects_checkpoint_evaluates(trees: Path, tmp_path: Path) -> None:

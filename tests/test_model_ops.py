@@ -139,6 +139,53 @@ def test_landmark_detector_shapes_and_gradients() -> None:
     assert all(p.grad is not None for p in det.parameters())
 
 
+def test_heatmap_sharpness_raises_the_maps_to_a_power_at_inference_only() -> None:
+    torch.manual_seed(0)
+    base = LandmarkDetector(feature_channels=8, num_landmarks=5, radius=2, width=16).eval()
+    sharp = LandmarkDetector(feature_channels=8, num_landmarks=5, radius=2, width=16, sharpness=3.0)
+    sharp.load_state_dict(base.state_dict())
+    f = unit_features(c=8, h=8, w=8)
+    with torch.no_grad():
+        plain = base(f)["heatmaps"]
+        trained = sharp.train()(f)  # training never sharpens
+        served = sharp.eval()(f)
+    torch.testing.assert_close(trained["heatmaps"], plain)
+    cubed = plain**3 / (plain**3).sum(dim=(-2, -1), keepdim=True)
+    torch.testing.assert_close(served["heatmaps"], cubed)
+    # The points and confidence are those of the maps returned.
+    torch.testing.assert_close(served["points"], soft_argmax(served["heatmaps"]))
+    torch.testing.assert_close(
+        served["confidence"], peak_mass(served["heatmaps"], served["points"])
+    )
+    with pytest.raises(ValueError, match="sharpness"):
+        LandmarkDetector(feature_channels=8, num_landmarks=5, radius=2, width=16, sharpness=0.0)
+
+
+def test_heatmap_sharpness_moves_the_point_from_the_mean_to_the_mode() -> None:
+    # Logits: a peak at one cell over a broad plateau whose mean lies elsewhere.
+    det = LandmarkDetector(feature_channels=8, num_landmarks=1, radius=1, width=4).eval()
+    logits = torch.zeros(1, 1, 8, 8)
+    logits[..., :, 4:] = 2.0  # plateau on the right half
+    logits[..., 1, 1] = 4.0  # the mode, top left
+    det.head = _Constant(logits)  # type: ignore[assignment]
+    mode = cell_centres(8, 8)[1, 1]
+    f = unit_features(c=8, h=8, w=8)[:1]
+    with torch.no_grad():
+        far = (det(f)["points"][0, 0] - mode).norm()
+        det.sharpness = 10.0
+        near = (det(f)["points"][0, 0] - mode).norm()
+    assert float(far) > 0.5 and float(near) < 0.01
+
+
+class _Constant(torch.nn.Module):
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(len(x), -1, -1, -1)
+
+
 # --- W_A, W_C -----------------------------------------------------------------------------------
 
 

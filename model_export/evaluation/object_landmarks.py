@@ -19,6 +19,7 @@ Per class (all its images), from the checkpoint's `model.landmarks` points:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,101 @@ def evaluate_objects_landmarks(
     device: torch.device,
     figures: int = 10,
     docs_img: Path | None = None,
+    sharpness_sweep: Sequence[float] = (),
 ) -> dict[str, Any]:
     """Spread, part purity and leave-one-image-out regressor error (with the mean-shape
     baseline) of the model's landmarks on every PF-WILLOW class under `data`; `methods`
     holds the means over the classes. `figures`: images per class in the class's PNG grid
-    (`out/objects_landmarks/<class>.png`, and `docs_img/objects_landmarks_<class>.png`)."""
+    (`out/objects_landmarks/<class>.png`, and `docs_img/objects_landmarks_<class>.png`).
+    `sharpness_sweep`: also the figures at each of these heatmap sharpnesses
+    (`ModelConfig.heatmap_sharpness`), with `choose_by_other_classes`' choice."""
+    report = _class_figures(model, data, out, input_size, device, figures, docs_img)
+    if sharpness_sweep:
+        report["sharpness_sweep"] = sweep_sharpness(
+            model, data, out, input_size, device, sharpness_sweep
+        )
+    return report
+
+
+def sweep_sharpness(
+    model: JLAD,
+    data: Path,
+    out: Path,
+    input_size: tuple[int, int],
+    device: torch.device,
+    values: Sequence[float],
+) -> dict[str, Any]:
+    """Regressor error per class and mean, spread and purity at each heatmap sharpness in
+    `values`, and the value each class would get if it were chosen on the other classes."""
+    served = model.detector.sharpness
+    by_value: dict[str, Any] = {}
+    mean_shape: dict[str, float] = {}
+    try:
+        for value in tqdm(values, desc="sharpness sweep"):
+            model.detector.sharpness = float(value)
+            result = _class_figures(model, data, out, input_size, device, 0, None)
+            by_value[str(float(value))] = {
+                "methods": result["methods"],
+                "regressor_error_percent": {
+                    c: v["model"]["regressor_error_percent"] for c, v in result["per_class"].items()
+                },
+            }
+            mean_shape = {
+                c: v["mean_shape"]["regressor_error_percent"]
+                for c, v in result["per_class"].items()
+            }
+    finally:
+        model.detector.sharpness = served
+    errors = {float(a): v["regressor_error_percent"] for a, v in by_value.items()}
+    held_out = choose_by_other_classes(errors)
+    for category, (value, error) in held_out.items():
+        log.info(
+            "sharpness chosen without %-14s %.1f -> regressor %.1f %% (mean shape %.1f %%)",
+            category,
+            value,
+            error,
+            mean_shape[category],
+        )
+    return {
+        "values": by_value,
+        "mean_shape": mean_shape,
+        "chosen_on_other_classes": {
+            c: {"sharpness": v, "regressor_error_percent": e} for c, (v, e) in held_out.items()
+        },
+        "protocol": "for each class, the sharpness with the lowest mean regressor error over "
+        "the other classes, and that sharpness's error on the class: the selection's "
+        "error on a class it did not see",
+    }
+
+
+def choose_by_other_classes(
+    errors: dict[float, dict[str, float]],
+) -> dict[str, tuple[float, float]]:
+    """Leave-one-class-out choice of a setting: `errors[setting][class]` -> for each class,
+    (the setting with the lowest mean error over the other classes, its error on the class).
+    Ties go to the setting listed first; with fewer than two classes there is nothing to
+    choose on (empty result)."""
+    settings = list(errors)
+    classes = list(errors[settings[0]]) if settings else []
+    chosen: dict[str, tuple[float, float]] = {}
+    if len(classes) < 2:
+        return chosen
+    for held in classes:
+        others = [c for c in classes if c != held]
+        best = min(settings, key=lambda s: mean([errors[s][c] for c in others]))
+        chosen[held] = (best, errors[best][held])
+    return chosen
+
+
+def _class_figures(
+    model: JLAD,
+    data: Path,
+    out: Path,
+    input_size: tuple[int, int],
+    device: torch.device,
+    figures: int,
+    docs_img: Path | None,
+) -> dict[str, Any]:
     dataset = PFWillow(data)
     per_class: dict[str, Any] = {}
     for category, paths in tqdm(
@@ -155,6 +246,7 @@ def evaluate_objects_landmarks(
         "per_class": per_class,
         "classes": dataset.classes,
         "num_landmarks": model.config.num_landmarks,
+        "heatmap_sharpness": model.detector.sharpness,
         "targets": {
             **TARGETS,
             "regressor_below_mean_shape_on_every_class": all(
