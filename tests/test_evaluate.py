@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -251,6 +252,12 @@ def test_single_task_updates_checkpoint_metrics(trees: Path, tmp_path: Path) -> 
     assert not list((tmp_path / "o").glob("pfwillow/*.png"))
 
 
+def evaluate_one(task: str, checkpoint: Path, data: Path, out: Path, *options: str) -> Any:
+    """The evaluation CLI on one task and checkpoint: that task's report."""
+    argv = [task, "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out)]
+    return main([*argv, *options])[task]
+
+
 def test_choose_by_other_classes_never_sees_the_class_it_scores() -> None:
     errors = {
         1.0: {"a": 1.0, "b": 5.0, "c": 5.0},
@@ -269,22 +276,16 @@ def test_choose_by_other_classes_never_sees_the_class_it_scores() -> None:
 
 
 def test_objects_landmarks_sharpness_sweep(trees: Path, tmp_path: Path) -> None:
-    reports = main(
-        [
-            "objects-landmarks",
-            "--checkpoint",
-            str(trees / "checkpoints" / "objects"),
-            "--data",
-            str(trees / "data" / "pf-willow-sample"),
-            "--out",
-            str(tmp_path),
-            "--figures",
-            "0",
-            "--sharpness-sweep",
-            "1,4",
-        ]
+    report = evaluate_one(
+        "objects-landmarks",
+        trees / "checkpoints" / "objects",
+        trees / "data" / "pf-willow-sample",
+        tmp_path,
+        "--figures",
+        "0",
+        "--sharpness-sweep",
+        "1,4",
     )
-    report = reports["objects-landmarks"]
     sweep = report["sharpness_sweep"]
     assert report["heatmap_sharpness"] == 1.0  # the sweep leaves the served value alone
     assert set(sweep["values"]) == {"1.0", "4.0"}
@@ -298,20 +299,15 @@ def test_objects_landmarks_sharpness_sweep(trees: Path, tmp_path: Path) -> None:
 
 
 def test_committed_objects_checkpoint_evaluates(trees: Path, tmp_path: Path) -> None:
-    reports = main(
-        [
-            "pfwillow",
-            "--checkpoint",
-            str(ROOT / "checkpoints" / "objects"),
-            "--data",
-            str(trees / "data" / "pf-willow-sample"),
-            "--out",
-            str(tmp_path),
-            "--figures",
-            "1",
-        ]
+    report = evaluate_one(
+        "pfwillow",
+        ROOT / "checkpoints" / "objects",
+        trees / "data" / "pf-willow-sample",
+        tmp_path,
+        "--figures",
+        "1",
     )
-    figures = reports["pfwillow"]["per_class"]["car(S)"]
+    figures = report["per_class"]["car(S)"]
     assert figures["identity"]["pck@0.1"] == 1.0
     assert figures["nearest_neighbour"]["pck@0.1"] == 1.0
     assert 0 <= figures["model"]["pck@0.1"] <= 1
