@@ -53,8 +53,10 @@ test: setup models lint typecheck  ## everything CI runs: lint, types, tests
 train-objects: setup  ## train the default `objects` model (DATA=path to the data sets)
 	$(PY) -m model_export.train --config configs/objects.yaml --data $(DATA)/caltech101 --out checkpoints/objects
 
-train-faces: setup  ## train the default `faces` model
-	$(PY) -m model_export.train --config configs/faces.yaml --data $(DATA)/mtfl-train --out checkpoints/faces
+train-faces: setup  ## train the default `faces` model (160 px recipe, then W_A / W_C at 224 px)
+	$(PY) -m model_export.train --config configs/faces.yaml --data $(DATA)/mtfl-train --out runs/faces_160
+	$(PY) -m model_export.train --config configs/faces_224.yaml --data $(DATA)/mtfl-train \
+		--out checkpoints/faces --init runs/faces_160
 
 evaluate: setup  ## every benchmark on both default checkpoints (runs/eval/, PNG grids in docs/img/)
 	$(PY) -m model_export.evaluate all --checkpoints checkpoints --data $(DATA) --out runs/eval \
