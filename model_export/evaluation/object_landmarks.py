@@ -69,7 +69,7 @@ def evaluate_objects_landmarks(
     (`out/objects_landmarks/<class>.png`, and `docs_img/objects_landmarks_<class>.png`).
     `sharpness_sweep`: also the figures at each of these heatmap sharpnesses
     (`ModelConfig.heatmap_sharpness`), with `choose_by_other_classes`' choice."""
-    report = _class_figures(model, data, out, input_size, device, figures, docs_img)
+    report = _per_class_report(model, data, out, input_size, device, figures, docs_img)
     if sharpness_sweep:
         report["sharpness_sweep"] = sweep_sharpness(
             model, data, out, input_size, device, sharpness_sweep
@@ -93,7 +93,7 @@ def sweep_sharpness(
     try:
         for value in tqdm(values, desc="sharpness sweep"):
             model.detector.sharpness = float(value)
-            result = _class_figures(model, data, out, input_size, device, 0, None)
+            result = _per_class_report(model, data, out, input_size, device, 0, None)
             by_value[str(float(value))] = {
                 "methods": result["methods"],
                 "regressor_error_percent": {
@@ -147,7 +147,7 @@ def choose_by_other_classes(
     return chosen
 
 
-def _class_figures(
+def _per_class_report(
     model: JLAD,
     data: Path,
     out: Path,
@@ -156,6 +156,7 @@ def _class_figures(
     figures: int,
     docs_img: Path | None,
 ) -> dict[str, Any]:
+    """`evaluate_objects_landmarks`' report at the detector's current sharpness."""
     dataset = PFWillow(data)
     per_class: dict[str, Any] = {}
     for category, paths in tqdm(
