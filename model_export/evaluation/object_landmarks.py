@@ -89,7 +89,6 @@ def sweep_sharpness(
     `values`, and the value each class would get if it were chosen on the other classes."""
     served = model.detector.sharpness
     by_value: dict[str, Any] = {}
-    mean_shape: dict[str, float] = {}
     try:
         for value in tqdm(values, desc="sharpness sweep"):
             model.detector.sharpness = float(value)
@@ -100,12 +99,12 @@ def sweep_sharpness(
                     c: v["model"]["regressor_error_percent"] for c, v in result["per_class"].items()
                 },
             }
-            mean_shape = {
-                c: v["mean_shape"]["regressor_error_percent"]
-                for c, v in result["per_class"].items()
-            }
     finally:
         model.detector.sharpness = served
+    # The baseline reads only the annotations: the same at every sharpness.
+    mean_shape = {
+        c: v["mean_shape"]["regressor_error_percent"] for c, v in result["per_class"].items()
+    }
     errors = {float(a): v["regressor_error_percent"] for a, v in by_value.items()}
     held_out = choose_by_other_classes(errors)
     for category, (value, error) in held_out.items():
