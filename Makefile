@@ -53,7 +53,7 @@ test: setup models lint typecheck  ## everything CI runs: lint, types, tests
 train-objects: setup  ## train the default `objects` model (DATA=path to the data sets)
 	$(PY) -m model_export.train --config configs/objects.yaml --data $(DATA)/caltech101 --out checkpoints/objects
 
-train-faces: setup  ## train the default `faces` model (160 px recipe, then W_A / W_C at 224 px)
+train-faces: setup  ## train the default `faces` model (160 px recipe, then W_D and W_A / W_C at 224 px)
 	$(PY) -m model_export.train --config configs/faces.yaml --data $(DATA)/mtfl-train --out runs/faces_160
 	$(PY) -m model_export.train --config configs/faces_224.yaml --data $(DATA)/mtfl-train \
 		--out checkpoints/faces --init runs/faces_160

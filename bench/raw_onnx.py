@@ -6,9 +6,11 @@ It runs the same graphs the service runs for each endpoint:
 - `correspond`: `backbone` on the 2B images of B (source, target) pairs in one run, then
   `align` on the B pairs,
 
-with the session options the service uses (`intra_op_num_threads` = JLAD_INTRA_OP_THREADS,
-one inter-op thread). Per batch size it reports items per second (images for `landmarks`,
-pairs for `correspond`) and the per-batch latency (p50/p95/p99).
+with the service's thread settings (`intra_op_num_threads` = JLAD_INTRA_OP_THREADS, one
+inter-op thread) and ONNX Runtime's default thread spinning (the service turns spinning off;
+`spinning_comparison` measures what that changes). Per batch size it reports items per
+second (images for `landmarks`, pairs for `correspond`) and the per-batch latency
+(p50/p95/p99).
 
     python -m bench.raw_onnx --model-dir models --model objects --batches 1,2,4,8,16 \
         --pair-batches 1,2,4,8 --seconds 2 --out runs/bench/raw
@@ -77,8 +79,8 @@ class RawGraphs:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         if not spinning:
-            # Not what the service does (it keeps ORT's default, spinning on): a variant to
-            # measure what idle intra-op threads spinning costs on a shared CPU.
+            # What the service does (service/runtime.py); the raw loop keeps ORT's default so
+            # that it stays the bare baseline, and this variant measures the difference.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.spinning = spinning
         provider_list = resolve_providers(providers, ort.get_available_providers())
@@ -199,9 +201,10 @@ def spinning_comparison(
     min_seconds: float,
     rounds: int = 2,
 ) -> list[dict[str, Any]]:
-    """Items/s with ONNX Runtime's intra-op threads spinning (its default, as the service
-    runs) and not (`session.intra_op.allow_spinning=0`), measured alternately `rounds`
-    times per (endpoint, batch) so that drifting background load hits both alike."""
+    """Items/s with ONNX Runtime's intra-op threads spinning (its default, as the raw loop
+    runs) and not (`session.intra_op.allow_spinning=0`, as the service runs), measured
+    alternately `rounds` times per (endpoint, batch) so that drifting background load hits
+    both alike."""
     rows = []
     plan = [(endpoint, b) for endpoint, sizes in batches.items() for b in sizes]
     for endpoint, batch in tqdm(plan, desc="raw spinning on/off", unit="batch size"):

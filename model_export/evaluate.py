@@ -1,8 +1,9 @@
 """Evaluation CLI: PCK on PF-WILLOW, flow accuracy and mask IoU on TSS, landmark error on MTFL.
 
-Tasks: `pfwillow`, `tss`, `faces` (as cropped and tight crops), `objects-landmarks` (spread,
-part purity and regressor error of the objects model's landmarks on PF-WILLOW), `davis` once
-its module exists, and `all`.
+Tasks: `pfwillow`, `tss`, `faces` (as cropped and tight crops), `faces-flow` (the faces
+model's matches between two known views of held-out faces), `objects-landmarks` (spread, part
+purity and regressor error of the objects model's landmarks on PF-WILLOW), `davis` once its
+module exists, and `all`.
 
     python -m model_export.evaluate pfwillow --checkpoint checkpoints/objects \\
         --data ../shared/data/pf-willow-sample --out runs/eval/objects
@@ -42,6 +43,7 @@ from model_export.checkpoint import load_config, load_model
 from model_export.data import MTFL_MISALIGNED
 from model_export.evaluation.common import METHODS
 from model_export.evaluation.faces import FACES_MAX_TRAIN, evaluate_faces
+from model_export.evaluation.faces_flow import evaluate_faces_flow
 from model_export.evaluation.object_landmarks import evaluate_objects_landmarks
 from model_export.evaluation.pfwillow import evaluate_pfwillow
 from model_export.evaluation.tss import evaluate_tss
@@ -56,6 +58,7 @@ __all__ = [
     "RUNNERS",
     "TASKS",
     "evaluate_faces",
+    "evaluate_faces_flow",
     "evaluate_objects_landmarks",
     "evaluate_pfwillow",
     "evaluate_tss",
@@ -68,18 +71,21 @@ RUNNERS: dict[str, Runner] = {
     "pfwillow": evaluate_pfwillow,
     "tss": evaluate_tss,
     "faces": evaluate_faces,
+    "faces-flow": evaluate_faces_flow,
     "objects-landmarks": evaluate_objects_landmarks,
 }
 DEFAULT_DATA_DIRS = {
     "pfwillow": "pf-willow-sample",
     "tss": "tss-sample",
     "faces": "mtfl-train",
+    "faces-flow": "mtfl-train",
     "objects-landmarks": "pf-willow-sample",
 }
 DEFAULT_MODELS = {
     "pfwillow": "objects",
     "tss": "objects",
     "faces": "faces",
+    "faces-flow": "faces",
     "objects-landmarks": "objects",
 }
 LANDMARK_TASKS = ("faces", "objects-landmarks")
@@ -261,16 +267,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         options: dict[str, Any] = {}
         if args.figures is not None:
             options["figures"] = args.figures
-        if task in LANDMARK_TASKS or task == "davis":
+        if task in (*LANDMARK_TASKS, "faces-flow", "davis"):
             options["docs_img"] = args.docs_img
         if task == "objects-landmarks" and args.sharpness_sweep:
             options["sharpness_sweep"] = args.sharpness_sweep
-        if task == "faces":
+        if task in ("faces", "faces-flow"):
             # The split training used: its config's seed and held-out share.
             trained = load_config(checkpoint)
             options.update(
                 val_fraction=_first(args.val_fraction, trained.get("val_fraction"), 0.1),
                 seed=int(_first(args.seed, trained.get("seed"), 0)),
+            )
+        if task == "faces":
+            options.update(
                 crop_seed=args.crop_seed,
                 max_train=args.max_train or None,
                 max_val=args.max_val,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -52,6 +53,7 @@ from model_export.warps import (
 log = logging.getLogger("jlad.train")
 
 STAGE_KINDS = ("align", "landmarks", "alternate", "joint")
+RESETTABLE = ("detector", "aligner")  # the heads a stage's `reset` can re-initialise
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -363,6 +365,25 @@ def joint_step(
     }
 
 
+def check_config(config: dict[str, Any]) -> None:
+    """Refuse a training config with a mistake that would otherwise surface only when its
+    stage starts, possibly an hour in: unknown stage kinds, resets, schedules, landmark-loss
+    keys, warp keys or model options, or a `from_stage` that names no stage."""
+    ModelConfig.from_dict(config["model"])
+    WarpConfig(**config.get("warp", {}))
+    stages = config["stages"]
+    stage_index_named(stages, config.get("from_stage"))
+    terms = LandmarkTerms(**config.get("landmark_loss", {}))
+    for stage in stages:
+        if stage["kind"] not in STAGE_KINDS:
+            raise ValueError(f"stage kind {stage['kind']!r} not in {STAGE_KINDS}")
+        unknown = set(stage.get("reset") or ()) - set(RESETTABLE)
+        if unknown:
+            raise ValueError(f"cannot reset {sorted(unknown)}: only {RESETTABLE}")
+        scheduled_lr_factor(stage.get("lr_schedule"), 0, int(stage["iterations"]))
+        replace(terms, **stage.get("landmark_loss", {}))
+
+
 def stage_index_named(stages: list[dict[str, Any]], name: str | None) -> int:
     """Index of the stage called `name` (0 when None): where `from_stage` starts a run."""
     if name is None:
@@ -406,7 +427,7 @@ def reset_modules(model: JLAD, names: list[str], seed: int) -> None:
     """Re-initialise the heads `names` (`detector` = W_D, `aligner` = W_A + W_C) exactly as
     the model's constructor does (the adapter and the frozen backbone cannot be reset)."""
     for name in names:
-        if name not in ("detector", "aligner"):
+        if name not in RESETTABLE:
             raise ValueError(f"cannot reset {name!r}: only 'detector' and 'aligner'")
     torch.manual_seed(seed)
     fresh = JLAD(model.config, pretrained=False)
@@ -432,6 +453,18 @@ def make_optimizer(model: JLAD, config: dict[str, Any]) -> torch.optim.Optimizer
     if backbone:
         groups.append({"params": backbone, "lr": float(config.get("backbone_lr", lr))})
     return torch.optim.Adam(groups)
+
+
+def scheduled_lr_factor(schedule: str | None, iteration: int, total: int) -> float:
+    """The factor on each parameter group's base learning rate at `iteration` of a stage of
+    `total` iterations: 1 throughout (`None` or `constant`), or `cosine`, half a cosine from
+    1 down to 0 over the stage, so that the weights a stage ends with are not one noisy
+    full-rate step away from where the loss settled."""
+    if schedule in (None, "constant"):
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(iteration, total) / max(total, 1)))
+    raise ValueError(f"lr_schedule must be constant or cosine, got {schedule!r}")
 
 
 # --- loop ----------------------------------------------------------------------------------------
@@ -484,6 +517,7 @@ def run_training(
 ) -> JLAD:
     """Train a model as `config` says on `data` (or precomputed `cached` backbone features
     with `data.groups`), writing checkpoints to `out`. Returns the trained model."""
+    check_config(config)
     seed = int(config.get("seed", 0))
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -568,12 +602,11 @@ def run_training(
     for stage_index in range(state.stage, len(stages)):
         stage = stages[stage_index]
         kind = stage["kind"]
-        if kind not in STAGE_KINDS:
-            raise ValueError(f"stage kind {kind!r} not in {STAGE_KINDS}")
         total_its = int(stage["iterations"])
         # Per-stage options: `landmark_loss` overrides the run's eq. 6 settings for this
         # stage; `reset` re-initialises the named heads (e.g. [detector]) when the stage
-        # starts, so a stage can retrain one side from scratch on what the others learned.
+        # starts, so a stage can retrain one side from scratch on what the others learned;
+        # `lr_schedule` (see scheduled_lr_factor) shapes the learning rate within the stage.
         stage_terms = replace(terms, **stage.get("landmark_loss", {}))
         if state.iteration == 0 and stage.get("reset"):
             reset_modules(model, list(stage["reset"]), seed + stage_index)
@@ -585,7 +618,13 @@ def run_training(
             initial=state.iteration,
             total=total_its,
         )
+        schedule = stage.get("lr_schedule")
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
         for it in bar:
+            factor = scheduled_lr_factor(schedule, it, total_its)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
             step_kind = ablation.sides(kind, it)
             if step_kind is None:
                 state.iteration = it + 1

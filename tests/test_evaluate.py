@@ -144,7 +144,7 @@ def test_all_tasks_end_to_end(trees: Path, tmp_path: Path) -> None:
             str(tmp_path / "docs"),
         ]
     )
-    assert {"pfwillow", "tss", "faces", "objects-landmarks", "davis"} <= set(reports)
+    assert {"pfwillow", "tss", "faces", "faces-flow", "objects-landmarks", "davis"} <= set(reports)
     # DAVIS tree: frames that never move, so copying frame 0's mask is exact.
     assert reports["davis"]["methods"]["identity"]["J"] == 1.0
     assert is_png(tmp_path / "docs" / "davis_blob-a.png")
@@ -209,6 +209,16 @@ def test_all_tasks_end_to_end(trees: Path, tmp_path: Path) -> None:
         for png in ("landmarks.png", "regressed.png"):
             assert is_png(out / "faces" / "faces" / name / png)
         assert is_png(tmp_path / "docs" / f"faces_{name}.png")
+
+    flow = json.loads((out / "faces" / "faces-flow.json").read_text())
+    assert flow["num_pairs"] == 3 and set(flow["methods"]) == set(METHODS)  # the val faces
+    assert flow["cell"] == pytest.approx(2 / (INPUT // 8))
+    for figures in flow["methods"].values():
+        assert 0 <= figures["within_one_cell"] <= 1
+        assert figures["epe_median"] >= 0 and figures["epe_mean"] >= 0
+    assert flow["methods"]["identity"]["epe_mean"] > 0.05  # the two views differ
+    assert is_png(out / "faces" / "faces-flow" / "matches.png")
+    assert is_png(tmp_path / "docs" / "faces_flow.png")
 
     objects = json.loads((out / "objects" / "objects-landmarks.json").read_text())
     car, duck = objects["per_class"]["car(S)"], objects["per_class"]["duck(S)"]
@@ -358,4 +368,22 @@ def test_tight_faces_split_matches_and_crops_are_reproducible(tmp_path: Path) ->
         item["points"].numpy(),
         rescale_pixels(item["crop_points"].numpy(), (TIGHT_SIZE, TIGHT_SIZE), (INPUT, INPUT)),
         rtol=1e-5,
+    )
+
+
+def test_faces_flow_errors_known_answer() -> None:
+    """End-point errors count only valid cells; the figures of a known set of errors."""
+    from model_export.evaluation.faces_flow import end_point_errors, flow_error_figures
+
+    truth = torch.zeros(1, 2, 2, 2)
+    predicted = truth.clone()
+    predicted[0, 0, 0, 0] = 0.3  # x off by 0.3
+    predicted[0, :, 0, 1] = torch.tensor([0.3, 0.4])  # off by 0.5
+    predicted[0, 1, 1, 1] = 9.0  # invalid cell: not counted
+    valid = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]])
+    errors = end_point_errors(predicted, truth, valid)
+    assert sorted(errors.tolist()) == pytest.approx([0.0, 0.3, 0.5])
+    figures = flow_error_figures(errors, cell=0.4)
+    assert figures == pytest.approx(
+        {"epe_mean": 0.8 / 3, "epe_median": 0.3, "within_one_cell": 2 / 3}
     )

@@ -4,6 +4,7 @@ and below the untrained model's. Also: checkpoints round-trip, resume continues.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -425,3 +426,72 @@ def test_a_run_reuses_another_runs_view_bank_only_when_it_was_made_alike(tmp_pat
     other["views_cache"] = config["views_cache"]
     with pytest.raises(ValueError, match="other data, warps or backbone"):
         run_training(other, data, tmp_path / "third")
+
+
+def test_scheduled_lr_factor_known_values() -> None:
+    """Constant is 1 everywhere; cosine starts at 1, is 1/2 halfway and reaches 0 at the end."""
+    from model_export.train import scheduled_lr_factor
+
+    assert [scheduled_lr_factor(None, i, 10) for i in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    assert scheduled_lr_factor("constant", 7, 10) == 1.0
+    assert scheduled_lr_factor("cosine", 0, 10) == pytest.approx(1.0)
+    assert scheduled_lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert scheduled_lr_factor("cosine", 10, 10) == pytest.approx(0.0, abs=1e-12)
+    falling = [scheduled_lr_factor("cosine", i, 10) for i in range(11)]
+    assert all(a > b for a, b in itertools.pairwise(falling))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        scheduled_lr_factor("linear", 0, 10)
+
+
+def test_a_cosine_stage_ends_at_a_small_learning_rate_and_the_next_starts_at_full(
+    tmp_path: Path,
+) -> None:
+    """`lr_schedule: cosine` on a stage: its last step runs at (1 + cos(pi (N-1)/N)) / 2 of
+    `lr`; a following stage without a schedule runs at the full `lr` again."""
+    images = _pictures(TRAIN_PICTURES[:3])
+    data = TrainingImages(images, torch.zeros(len(images), dtype=torch.long))
+    config = _config(iterations=4)
+    config["stages"][0]["lr_schedule"] = "cosine"  # type: ignore[index]
+    out = tmp_path / "ckpt"
+    run_training(config, data, out)
+    saved = torch.load(out / "train_state.pt", weights_only=False)["optimizer"]
+    expected = 1e-3 * (1 + np.cos(np.pi * 3 / 4)) / 2
+    assert [g["lr"] for g in saved["param_groups"]] == pytest.approx([expected])
+    config["stages"] = [
+        *config["stages"],  # type: ignore[list-item]
+        {"name": "more", "kind": "align", "data": "synthetic", "iterations": 1},
+    ]
+    run_training(config, data, out, resume=True)
+    saved = torch.load(out / "train_state.pt", weights_only=False)["optimizer"]
+    assert [g["lr"] for g in saved["param_groups"]] == pytest.approx([1e-3])
+
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_committed_training_config_passes_the_config_check(path: Path) -> None:
+    """The recipes in configs/ (the released ones and the recorded experiments) still say only
+    what `train` understands, so that each can be rerun as its header says."""
+    import yaml
+
+    from model_export.train import check_config
+
+    check_config(yaml.safe_load(path.read_text()))
+
+
+def test_the_config_check_refuses_a_stage_mistake_before_training() -> None:
+    from model_export.train import check_config
+
+    config = _config(iterations=1)
+    check_config(config)
+    for key, value, message in [
+        ("kind", "landmark", "stage kind"),
+        ("reset", ["adapter"], "cannot reset"),
+        ("lr_schedule", "step", "lr_schedule"),
+    ]:
+        broken = {**config, "stages": [{**config["stages"][0], key: value}]}  # type: ignore[index]
+        with pytest.raises(ValueError, match=message):
+            check_config(broken)
+    with pytest.raises(ValueError, match="no stage named"):
+        check_config({**config, "from_stage": "nope"})
