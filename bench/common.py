@@ -116,6 +116,12 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
+def declared_inputs(session: Any, feed: dict[str, Any]) -> dict[str, Any]:
+    """The part of `feed` that an ONNX Runtime `session`'s graph takes (a zooming landmark
+    graph also takes the image: docs/CONTRACT.md)."""
+    return {i.name: feed[i.name] for i in session.get_inputs()}
+
+
 def parse_int_list(text: str) -> list[int]:
     """`"1,2,4"` -> `[1, 2, 4]` (for command-line lists)."""
     values = [int(v) for v in text.split(",") if v.strip()]

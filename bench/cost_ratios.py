@@ -8,7 +8,8 @@ background load hits every line alike, at one batch size (default 4):
   `model_export.backbones`; for reference also the bare Lite0 trunk when the model's is
   another one;
 - `backbone`: the served backbone graph (trunk up to the last tap + hypercolumn + adapter);
-- `landmarks`: the W_D graph on B images' features;
+- `landmarks`: the landmark graph on B images' features (W_D; with `landmark_zoom` also
+  the second pass: backbone and W_D on each image's crop);
 - `align`: the W_A/W_C graph on B (source, target) pairs.
 
 and derives the issue-14 targets: backbone / trunk <= 2; align (B pairs) / backbone
@@ -36,7 +37,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from bench.common import machine_info, write_json
+from bench.common import declared_inputs, machine_info, write_json
 from service.runtime import find_models
 
 log = logging.getLogger("bench.cost_ratios")
@@ -115,9 +116,12 @@ def measure(
     rng = np.random.default_rng(0)
     images: NDArray[np.float32] = rng.random((2 * batch, 3, h, w), dtype=np.float32)
     features = graphs["backbone"].run(None, {"image": images})[0]
+    landmark_feed = declared_inputs(
+        graphs["landmarks"], {"features": features[:batch], "image": images[:batch]}
+    )
     lines: dict[str, Callable[[], object]] = {
         "backbone": lambda: graphs["backbone"].run(None, {"image": images[:batch]}),
-        "landmarks": lambda: graphs["landmarks"].run(None, {"features": features[:batch]}),
+        "landmarks": lambda: graphs["landmarks"].run(None, landmark_feed),
         "align": lambda: graphs["align"].run(
             None, {"source_features": features[:batch], "target_features": features[batch:]}
         ),

@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
-from bench.common import machine_info, write_json
+from bench.common import declared_inputs, machine_info, write_json
 from model_export.checkpoint import load_model
 from model_export.evaluate import evaluate_faces, evaluate_pfwillow
 from model_export.model import JLAD
@@ -74,8 +74,11 @@ class OnnxModel:
         images = self._images.pop(id(backbone_features))
         return self._run("backbone", {"image": images})[0]
 
-    def landmarks(self, features: Tensor) -> dict[str, Tensor]:
-        heatmaps, points, confidence = self._run("landmarks", {"features": features})
+    def detect_landmarks(self, image: Tensor, features: Tensor) -> dict[str, Tensor]:
+        feed = {"features": features, "image": image}
+        heatmaps, points, confidence = self._run(
+            "landmarks", declared_inputs(self._sessions["landmarks"], feed)
+        )
         return {"heatmaps": heatmaps, "points": points, "confidence": confidence}
 
     def align(self, source: Tensor, target: Tensor) -> dict[str, Tensor]:

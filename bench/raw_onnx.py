@@ -37,7 +37,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from bench.common import latency_summary, machine_info, parse_int_list, write_json
+from bench.common import declared_inputs, latency_summary, machine_info, parse_int_list, write_json
 from service.runtime import GRAPHS, find_models, resolve_providers
 
 log = logging.getLogger("bench.raw_onnx")
@@ -121,7 +121,8 @@ class RawGraphs:
     def landmarks(self, images: NDArray[Any]) -> list[NDArray[Any]]:
         """`images (B, 3, H, W)` -> landmark outputs (heatmaps, points, confidence)."""
         features = self._run("backbone", {"image": images})[0]
-        return self._run("landmarks", {"features": features})
+        feed = declared_inputs(self.sessions["landmarks"], {"features": features, "image": images})
+        return self._run("landmarks", feed)
 
     def correspond(self, images: NDArray[Any]) -> list[NDArray[Any]]:
         """`images (2B, 3, H, W)`, sources at even rows and targets at odd rows (as the

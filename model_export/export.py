@@ -56,12 +56,13 @@ PARITY = {
     # itself is measured on the benchmarks (docs/BENCH.md). The moved share depends on the
     # CPU: on an AVX2-only host (no VNNI) the committed `faces` model's pair of real faces
     # moves 0.29 of its cells (reduce_range on; 0.36 without), within 0.2 on the VNNI host
-    # the bound was first set on.
+    # the bound was first set on; the 224 px `faces` release (28 x 28 grid) moves 0.37 on an
+    # AVX2-only AMD EPYC host (reduce_range on).
     "int8": {
         "feature_cosine": 0.95,
         "features": 0.15,
         "mapping_cells_median": 0.05,
-        "mapping_moved_share": 0.35,
+        "mapping_moved_share": 0.4,
         "points_cells": 0.25,
         # A trained landmark whose heat map has two near-equal peaks may jump to the other
         # under int8 (the retrained `faces`, CI calibration: 1 of 10 points, 6 cells): for a
@@ -104,8 +105,13 @@ class LandmarkGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out = self.model.landmarks(features)
+    def forward(self, features: Tensor, *image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # The image is an input only with `landmark_zoom` (its second pass crops it).
+        out = (
+            self.model.detect_landmarks(image[0], features)
+            if image
+            else self.model.landmarks(features)
+        )
         return out["heatmaps"], out["points"], out["confidence"]
 
 
@@ -135,12 +141,15 @@ def graph_specs(model: JLAD, batch: int = 2) -> dict[str, GraphSpec]:
     gh, gw = model.grid_size
     c = model.config.feature_dim
     feats = torch.nn.functional.normalize(torch.randn(batch, c, gh, gw), dim=1)
+    image = torch.rand(batch, 3, h, w)
+    zoom = bool(model.config.landmark_zoom)
     return {
-        "backbone": GraphSpec(
-            BackboneGraph(model), ("image",), ("features",), (torch.rand(batch, 3, h, w),)
-        ),
+        "backbone": GraphSpec(BackboneGraph(model), ("image",), ("features",), (image,)),
         "landmarks": GraphSpec(
-            LandmarkGraph(model), ("features",), ("heatmaps", "points", "confidence"), (feats,)
+            LandmarkGraph(model),
+            ("features", "image") if zoom else ("features",),
+            ("heatmaps", "points", "confidence"),
+            (feats, image) if zoom else (feats,),
         ),
         "align": GraphSpec(
             AlignGraph(model),
@@ -244,13 +253,10 @@ def build_manifest(
         "opset": OPSET,
         "outputs": {**OUTPUT_DOC, "flow_direction": "source -> target"},
         "graphs": {
-            "backbone": {"inputs": ["image"], "outputs": ["features"]},
-            "landmarks": {"inputs": ["features"], "outputs": ["heatmaps", "points", "confidence"]},
-            "align": {
-                "inputs": ["source_features", "target_features"],
-                "outputs": ["mapping", "log_sigma", "confidence"],
-            },
+            graph: {"inputs": list(spec.inputs), "outputs": list(spec.outputs)}
+            for graph, spec in graph_specs(model).items()
         },
+        "landmark_zoom": cfg.landmark_zoom,
         "variants": {
             variant: {
                 g: {"path": f"{variant}/{g}.onnx", "sha256": sha256(root / variant / f"{g}.onnx")}

@@ -20,6 +20,7 @@ from model_export.alignment import SemanticAligner
 from model_export.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite, build_backbone
 from model_export.landmarks import LandmarkDetector
 from model_export.similarity import l2_normalise
+from model_export.zoom import crop_window, heatmaps_to_frame, points_to_frame, zoom_window
 
 
 @dataclass
@@ -56,6 +57,10 @@ class ModelConfig:
     # a > 1 moves each soft-argmax from the map's mean towards its mode. Holds no weights,
     # so it can be set on a trained checkpoint (README, "objects" landmarks).
     heatmap_sharpness: float = 1.0
+    # Coarse-to-fine landmarks at inference (zoom.py): 0 = one W_D pass; f > 0 = a second
+    # pass on a crop around the first pass's points, f x their bounding box. Holds no
+    # weights, so it can be set on a trained checkpoint (README, "faces" landmarks).
+    landmark_zoom: float = 0.0
     # Train the backbone blocks after the first hypercolumn tap (EfficientNet-Lite only), as
     # the paper updates W_F. They are stored in the checkpoint; the blocks up to the first
     # tap stay frozen (ImageNet), and training caches that tap's output instead of the
@@ -228,6 +233,22 @@ class JLAD(nn.Module):
     def landmarks(self, features: Tensor) -> dict[str, Tensor]:
         """W_D: heatmaps (B, K, h, w), points (B, K, 2) normalised (x, y), confidence (B, K)."""
         return dict(self.detector(features))
+
+    def detect_landmarks(self, image: Tensor, features: Tensor) -> dict[str, Tensor]:
+        """The served landmarks of images (B, 3, H, W) whose `features` are given: W_D on
+        them, then with `landmark_zoom` W_D again on the crop around those points, mapped
+        back to the frame (zoom.py). Same keys as `landmarks`; `confidence` is the last
+        pass's (peak mass within 1.5 of its own cells)."""
+        first = self.landmarks(features)
+        if not self.config.landmark_zoom:
+            return first
+        centre, half = zoom_window(first["points"], self.config.landmark_zoom)
+        second = self.landmarks(self.features(crop_window(image, centre, half)))
+        return {
+            "heatmaps": heatmaps_to_frame(second["heatmaps"], centre, half, self.grid_size),
+            "points": points_to_frame(second["points"], centre, half),
+            "confidence": second["confidence"],
+        }
 
     def align(self, source: Tensor, target: Tensor) -> dict[str, Tensor]:
         """W_A, W_C: mapping (B, 2, h, w), log_sigma (B, 1, h, w), confidence (B, 1, h, w)."""

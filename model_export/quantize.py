@@ -186,12 +186,19 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+def declared_inputs(session: ort.InferenceSession, feed: dict[str, F32]) -> dict[str, F32]:
+    """The part of `feed` that `session`'s graph takes (a zooming landmark graph also takes
+    the image: docs/CONTRACT.md)."""
+    return {i.name: feed[i.name] for i in session.get_inputs()}
+
+
 def calibration_feeds(
     fp32_dir: Path, images: F32, batch: int = 8
 ) -> dict[str, list[dict[str, F32]]]:
     """Feeds of each graph: the images for the backbone, their fp32 features for the
     landmark head, (image i, image i+1) feature pairs for the alignment head."""
     backbone = _session(fp32_dir / "backbone.onnx")
+    landmarks = _session(fp32_dir / "landmarks.onnx")
     chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
     features = [
         backbone.run(None, {"image": c})[0]
@@ -203,7 +210,10 @@ def calibration_feeds(
     pair_batch = max(1, batch // 2)
     return {
         "backbone": [{"image": c} for c in chunks],
-        "landmarks": [{"features": f} for f in features],
+        "landmarks": [
+            declared_inputs(landmarks, {"features": f, "image": c})
+            for f, c in zip(features, chunks, strict=True)
+        ],
         "align": [
             {
                 "source_features": every[i : i + pair_batch],
@@ -338,7 +348,9 @@ def agreement(
     for variant, folder in (("fp32", fp32_dir), ("int8", int8_dir)):
         sessions = {g: _session(folder / f"{g}.onnx") for g in GRAPH_NAMES}
         (feats,) = sessions["backbone"].run(None, {"image": images})
-        heat, points, _ = sessions["landmarks"].run(None, {"features": feats})
+        heat, points, _ = sessions["landmarks"].run(
+            None, declared_inputs(sessions["landmarks"], {"features": feats, "image": images})
+        )
         mapping, _, conf = sessions["align"].run(
             None, {"source_features": feats, "target_features": np.roll(feats, -1, axis=0)}
         )

@@ -209,6 +209,10 @@ class ModelSessions:
             for graph, session in self.sessions.items()
         }
 
+    def takes(self, graph: str, name: str) -> bool:
+        """Whether `graph` has an input called `name`."""
+        return any(i.name == name for i in self.sessions[graph].get_inputs())
+
     def run(self, graph: str, inputs: dict[str, F32], chunk: int) -> dict[str, F32]:
         """Run `graph` on `inputs` (batch axis first), at most `chunk` items at a time.
 
@@ -322,9 +326,10 @@ class InferenceEngine:
         lm_rows = [int(offsets[k]) + i for k, j in enumerate(jobs) for i in j.landmarks]
         landmark_outputs: dict[str, F32] = {}
         if lm_rows:
-            landmark_outputs = sessions.run(
-                "landmarks", {"features": features[lm_rows]}, self.max_chunk
-            )
+            feed = {"features": features[lm_rows]}
+            if sessions.takes("landmarks", "image"):  # a zooming landmark graph (CONTRACT.md)
+                feed["image"] = images[lm_rows]
+            landmark_outputs = sessions.run("landmarks", feed, self.max_chunk)
         src_rows = [int(offsets[k]) + s for k, j in enumerate(jobs) for s, _ in j.pairs]
         tgt_rows = [int(offsets[k]) + t for k, j in enumerate(jobs) for _, t in j.pairs]
         align_outputs: dict[str, F32] = {}

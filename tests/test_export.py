@@ -20,7 +20,7 @@ from model_export.quantize import cpu_has_vnni, default_reduce_range
 torch.set_num_threads(2)
 
 
-def _model(size: int) -> JLAD:
+def _model(size: int, zoom: float = 0.0) -> JLAD:
     torch.manual_seed(size)
     # The served architecture (configs/*.yaml), narrower: Lite2 hypercolumn, adapter without
     # its MLP, 1x1-reduced W_D on a projected self-similarity, a narrower W_A, three rounds
@@ -38,6 +38,7 @@ def _model(size: int) -> JLAD:
             selfsim_dim=16,
             consensus_rounds=3,
             motion_prior_kernel=5,
+            landmark_zoom=zoom,
         )
     )
     # a trained-like, non-zero residual so the whole W_A path is exercised
@@ -46,11 +47,17 @@ def _model(size: int) -> JLAD:
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=[64, 96], ids=["64px", "96px"])
+@pytest.fixture(
+    scope="module",
+    params=[(64, 0.0), (96, 0.0), (64, 1.5), (96, 1.5)],
+    ids=["64px", "96px", "64px-zoom", "96px-zoom"],
+)
 def exported(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[JLAD, Path]:
-    model = _model(int(request.param))
+    """One export per size, without (`objects`) and with (`faces`) the landmark zoom."""
+    size, zoom = request.param
+    model = _model(size, zoom)
     # int8 calibrated on scikit-image samples (no calibration folder: the CI path)
     root = export_model(model, tmp_path_factory.mktemp("repo"), "test", "1", calibration_images=24)
     return model, root
@@ -78,7 +85,9 @@ def _run_all(root: Path, variant: str, images: np.ndarray) -> dict[str, np.ndarr
     landmarks = _session(root / variant / "landmarks.onnx")
     align = _session(root / variant / "align.onnx")
     (feats,) = backbone.run(None, {"image": images.astype(dtype)})
-    heat, points, conf = landmarks.run(None, {"features": feats})
+    wanted = [i.name for i in landmarks.get_inputs()]
+    feed = {"features": feats, "image": images.astype(dtype)}
+    heat, points, conf = landmarks.run(None, {k: feed[k] for k in wanted})
     mapping, log_sigma, aconf = align.run(
         None, {"source_features": feats, "target_features": feats[::-1].copy()}
     )
@@ -97,7 +106,7 @@ def _run_all(root: Path, variant: str, images: np.ndarray) -> dict[str, np.ndarr
 def _run_torch(model: JLAD, images: torch.Tensor) -> dict[str, np.ndarray]:
     with torch.no_grad():
         f = model.features(images)
-        lm = model.landmarks(f)
+        lm = model.detect_landmarks(images, f)
         al = model.align(f, f.flip(0))
     out = {
         "features": f,
@@ -225,6 +234,9 @@ def test_manifest_describes_the_files(exported: tuple[JLAD, Path]) -> None:
             assert entry["sha256"] == sha256(root / entry["path"])
             names = [i.name for i in _session(root / entry["path"]).get_inputs()]
             assert names == manifest["graphs"][graph]["inputs"]
+    zoom = model.config.landmark_zoom
+    assert manifest["landmark_zoom"] == zoom
+    assert ("image" in manifest["graphs"]["landmarks"]["inputs"]) is bool(zoom)
 
 
 def test_batch_axis_is_dynamic_in_every_graph(exported: tuple[JLAD, Path]) -> None:

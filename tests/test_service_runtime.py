@@ -142,6 +142,25 @@ def test_a_batch_of_jobs_equals_each_job_alone(engine: InferenceEngine, faces: M
     assert together[0].batch_images == 5
 
 
+def test_a_zooming_landmark_graph_gets_each_image_with_its_features(
+    engine: InferenceEngine, faces: ModelInfo
+) -> None:
+    """The committed `faces` crops each image around its first-pass points (CONTRACT.md,
+    `landmark_zoom`): the engine must feed every landmark row its own image."""
+    sessions = engine.models["faces"]
+    assert sessions.takes("landmarks", "image") and not sessions.takes("align", "image")
+    images = model_inputs(faces)
+    (result,) = engine.run_batch([InferenceJob("faces", images, landmarks=[2, 0])])
+    features = sessions.run("backbone", {"image": images}, 8)["features"]
+    rows = [2, 0]
+    direct = sessions.run("landmarks", {"features": features[rows], "image": images[rows]}, 8)
+    for served, expected in zip(result.landmarks, direct["points"], strict=True):
+        np.testing.assert_allclose(served.points, expected, atol=1e-4)
+    # the image input is used: another image under the same features moves the points
+    swapped = sessions.run("landmarks", {"features": features[rows], "image": images[[1, 1]]}, 8)
+    assert np.abs(swapped["points"] - direct["points"]).max() > 0.01
+
+
 def test_fp16_variant_agrees_with_fp32(model_dir: Path, engine: InferenceEngine) -> None:
     infos = find_models(model_dir, ["faces"])
     half = InferenceEngine.load(
@@ -186,14 +205,6 @@ def test_int8_variant_agrees_with_fp32(model_dir: Path, engine: InferenceEngine)
     within = all(
         np.median(m) <= 1.0 and (m > 2.0).mean() <= tol["points_moved_share"] for m in moved
     )
-    if not cpu_has_vnni():
-        # Known defect, found on an AVX2-only VM: with this sample-picture calibration half
-        # of the faces landmarks jump by 10+ cells under int8 there (reduce_range on, which
-        # such CPUs need; with the MTFL calibration the faces error stays within 0.1 point of
-        # fp32: BENCH.md). On a VNNI CPU the export keeps full-range weights and they agree.
-        # Strict: passes again -> this must go.
-        assert not within, "int8 landmarks now agree on a CPU without VNNI: drop this branch"
-        pytest.xfail("int8 faces landmarks are not reliable on x86 CPUs without VNNI")
     assert within, moved
 
 

@@ -72,7 +72,7 @@ def detect_faces(
         images = batch["image"].to(device)
         feats = image_features(model, images)
         b = len(images)
-        out["model"].append(model.landmarks(feats["model"])["points"].cpu())
+        out["model"].append(model.detect_landmarks(images, feats["model"])["points"].cpu())
         ref_backbone = reference["backbone"].expand(b, -1, -1, -1)
         mapping = nearest_neighbour_mapping(ref_backbone, feats["backbone"])
         ref_points = reference_points[None].expand(b, -1, -1).to(device)

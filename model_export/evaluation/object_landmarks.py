@@ -165,7 +165,7 @@ def _per_class_report(
         sizes = [(img.shape[0], img.shape[1]) for img in images]
         keypoints = np.stack([read_pf_keypoints(p.with_suffix(".mat")) for p in paths])
         batch = torch.stack([image_to_tensor(img, input_size) for img in images]).to(device)
-        points = model.landmarks(image_features(model, batch)["model"])["points"]
+        points = model.detect_landmarks(batch, image_features(model, batch)["model"])["points"]
         normalised = points.cpu().numpy().astype(np.float64)  # (N, K, 2)
         pixels = per_image_pixels(normalised, sizes)
         spread = [landmark_spread(p, s) for p, s in zip(pixels, sizes, strict=True)]
