@@ -118,7 +118,9 @@ def write_json(path: Path, data: Any) -> Path:
 
 def declared_inputs(session: Any, feed: dict[str, Any]) -> dict[str, Any]:
     """The part of `feed` that an ONNX Runtime `session`'s graph takes (a zooming landmark
-    graph also takes the image: docs/CONTRACT.md)."""
+    graph also takes the image: docs/CONTRACT.md). model_export.quantize has the same for
+    the exporter: bench must run where only the serving packages are installed (no torch),
+    and model_export may not import service or bench."""
     return {i.name: feed[i.name] for i in session.get_inputs()}
 
 

@@ -208,10 +208,15 @@ class ModelSessions:
             graph: session.get_inputs()[0].type == "tensor(float16)"
             for graph, session in self.sessions.items()
         }
+        # Read once: the batch loop asks per batch whether the landmark graph takes the image.
+        self._inputs = {
+            graph: frozenset(i.name for i in session.get_inputs())
+            for graph, session in self.sessions.items()
+        }
 
     def takes(self, graph: str, name: str) -> bool:
         """Whether `graph` has an input called `name`."""
-        return any(i.name == name for i in self.sessions[graph].get_inputs())
+        return name in self._inputs[graph]
 
     def run(self, graph: str, inputs: dict[str, F32], chunk: int) -> dict[str, F32]:
         """Run `graph` on `inputs` (batch axis first), at most `chunk` items at a time.

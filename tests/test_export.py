@@ -15,7 +15,7 @@ from skimage import data as skdata
 
 from model_export.export import PARITY, export_model, sha256
 from model_export.model import JLAD, ModelConfig
-from model_export.quantize import cpu_has_vnni, default_reduce_range
+from model_export.quantize import cpu_has_vnni, declared_inputs, default_reduce_range
 
 torch.set_num_threads(2)
 
@@ -85,9 +85,8 @@ def _run_all(root: Path, variant: str, images: np.ndarray) -> dict[str, np.ndarr
     landmarks = _session(root / variant / "landmarks.onnx")
     align = _session(root / variant / "align.onnx")
     (feats,) = backbone.run(None, {"image": images.astype(dtype)})
-    wanted = [i.name for i in landmarks.get_inputs()]
     feed = {"features": feats, "image": images.astype(dtype)}
-    heat, points, conf = landmarks.run(None, {k: feed[k] for k in wanted})
+    heat, points, conf = landmarks.run(None, declared_inputs(landmarks, feed))
     mapping, log_sigma, aconf = align.run(
         None, {"source_features": feats, "target_features": feats[::-1].copy()}
     )
