@@ -53,10 +53,15 @@ test: setup models lint typecheck  ## everything CI runs: lint, types, tests
 train-objects: setup  ## train the default `objects` model (DATA=path to the data sets)
 	$(PY) -m model_export.train --config configs/objects.yaml --data $(DATA)/caltech101 --out checkpoints/objects
 
-train-faces: setup  ## train the default `faces` model (160 px recipe, then W_D and W_A / W_C at 224 px)
+train-faces: setup  ## train the default `faces` model (160 px recipe, 224 px stages, W_D at the zoom)
 	$(PY) -m model_export.train --config configs/faces.yaml --data $(DATA)/mtfl-train --out runs/faces_160
 	$(PY) -m model_export.train --config configs/faces_224.yaml --data $(DATA)/mtfl-train \
-		--out checkpoints/faces --init runs/faces_160
+		--out runs/faces_224 --init runs/faces_160
+	$(PY) -m model_export.train --config configs/faces_windows.yaml --data $(DATA)/mtfl-train \
+		--out runs/faces_windows_1 --init runs/faces_224
+	$(PY) -m model_export.train --config configs/faces_windows.yaml --data $(DATA)/mtfl-train \
+		--out checkpoints/faces --init runs/faces_windows_1
+	$(PY) -m model_export.mirror_pairs --checkpoint checkpoints/faces --data $(DATA)/mtfl-train --write
 
 evaluate: setup  ## every benchmark on both default checkpoints (runs/eval/, PNG grids in docs/img/)
 	$(PY) -m model_export.evaluate all --checkpoints checkpoints --data $(DATA) --out runs/eval \

@@ -9,7 +9,8 @@ background load hits every line alike, at one batch size (default 4):
   another one;
 - `backbone`: the served backbone graph (trunk up to the last tap + hypercolumn + adapter);
 - `landmarks`: the landmark graph on B images' features (W_D; with `landmark_zoom` also
-  the second pass: backbone and W_D on each image's crop);
+  the second pass: backbone and W_D on each image's crop; with `landmark_mirror` also the
+  last pass on the mirrored input);
 - `align`: the W_A/W_C graph on B (source, target) pairs.
 
 and derives the issue-14 targets: backbone / trunk <= 2; align (B pairs) / backbone

@@ -106,7 +106,8 @@ class LandmarkGraph(nn.Module):
         self.model = model
 
     def forward(self, features: Tensor, *image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # The image is an input only with `landmark_zoom` (its second pass crops it).
+        # The image is an input only when the served landmarks read it (`landmark_zoom`
+        # crops it, `landmark_mirror` flips it).
         out = (
             self.model.detect_landmarks(image[0], features)
             if image
@@ -142,14 +143,14 @@ def graph_specs(model: JLAD, batch: int = 2) -> dict[str, GraphSpec]:
     c = model.config.feature_dim
     feats = torch.nn.functional.normalize(torch.randn(batch, c, gh, gw), dim=1)
     image = torch.rand(batch, 3, h, w)
-    zoom = bool(model.config.landmark_zoom)
+    reads_image = model.config.landmarks_read_image
     return {
         "backbone": GraphSpec(BackboneGraph(model), ("image",), ("features",), (image,)),
         "landmarks": GraphSpec(
             LandmarkGraph(model),
-            ("features", "image") if zoom else ("features",),
+            ("features", "image") if reads_image else ("features",),
             ("heatmaps", "points", "confidence"),
-            (feats, image) if zoom else (feats,),
+            (feats, image) if reads_image else (feats,),
         ),
         "align": GraphSpec(
             AlignGraph(model),
@@ -257,6 +258,7 @@ def build_manifest(
             for graph, spec in graph_specs(model).items()
         },
         "landmark_zoom": cfg.landmark_zoom,
+        "landmark_mirror": None if cfg.landmark_mirror is None else list(cfg.landmark_mirror),
         "variants": {
             variant: {
                 g: {"path": f"{variant}/{g}.onnx", "sha256": sha256(root / variant / f"{g}.onnx")}

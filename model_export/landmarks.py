@@ -9,7 +9,10 @@ gives the paper's pure self-similarity input.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from model_export.geometry import cell_centres
@@ -116,3 +119,34 @@ class LandmarkDetector(nn.Module):
         heatmaps = spatial_softmax(logits)
         points = soft_argmax(heatmaps)
         return {"heatmaps": heatmaps, "points": points, "confidence": peak_mass(heatmaps, points)}
+
+
+def mirror_average(
+    out: dict[str, Tensor], mirrored: dict[str, Tensor], pairs: Sequence[int]
+) -> dict[str, Tensor]:
+    """W_D's output on images averaged with its output on their left-right mirrors.
+
+    `pairs[k]` is landmark k's counterpart: landmark `pairs[k]` of the mirror image sits
+    where landmark k of the image does, mirrored (x -> -x in normalised coordinates, whose
+    pixel centres are symmetric about 0). Points and confidences are the means of the two
+    estimates; heatmaps the mean of the maps (the mirrored ones flipped back), so each still
+    sums to one. Why: the two runs see different pixels under the same cells and their
+    errors partly cancel (a test-time augmentation the exported graph holds)."""
+    order = torch.as_tensor(list(pairs), device=out["points"].device)
+    sign = out["points"].new_tensor([-1.0, 1.0])
+    return {
+        "heatmaps": (out["heatmaps"] + mirrored["heatmaps"][:, order].flip(-1)) / 2,
+        "points": (out["points"] + mirrored["points"][:, order] * sign) / 2,
+        "confidence": (out["confidence"] + mirrored["confidence"][:, order]) / 2,
+    }
+
+
+def mirror_pairs(points: Tensor, mirrored_points: Tensor) -> list[int]:
+    """The counterpart of each landmark (for `mirror_average`) from W_D's points on N images
+    (N, K, 2) and on their mirrors (N, K, 2, as W_D placed them on the mirror images): the
+    assignment k -> j that minimises the summed mean distance between landmark k and the
+    mirrored-back landmark j (Hungarian algorithm)."""
+    back = mirrored_points * points.new_tensor([-1.0, 1.0])
+    distance = (points[:, :, None, :] - back[:, None, :, :]).norm(dim=-1).mean(dim=0)  # (K, K)
+    rows, cols = linear_sum_assignment(distance.double().numpy())
+    return [int(c) for _, c in sorted(zip(rows, cols, strict=True))]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from model_export.alignment import SemanticAligner
 from model_export.backbones import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite, build_backbone
-from model_export.landmarks import LandmarkDetector
+from model_export.landmarks import LandmarkDetector, mirror_average
 from model_export.similarity import l2_normalise
 from model_export.zoom import crop_window, heatmaps_to_frame, points_to_frame, zoom_window
 
@@ -61,6 +61,12 @@ class ModelConfig:
     # pass on a crop around the first pass's points, f x their bounding box. Holds no
     # weights, so it can be set on a trained checkpoint (README, "faces" landmarks).
     landmark_zoom: float = 0.0
+    # Mirror test-time augmentation of the last landmark pass (landmarks.mirror_average): W_D
+    # also runs on the left-right mirror of its input, and landmark k is averaged with
+    # landmark `landmark_mirror[k]` of the mirror image, mirrored back (k's left-right
+    # counterpart: the pairing is a property of the trained W_D, found on training images by
+    # `python -m model_export.mirror_pairs`). None = off. Holds no weights.
+    landmark_mirror: tuple[int, ...] | None = None
     # Train the backbone blocks after the first hypercolumn tap (EfficientNet-Lite only), as
     # the paper updates W_F. They are stored in the checkpoint; the blocks up to the first
     # tap stay frozen (ImageNet), and training caches that tap's output instead of the
@@ -72,15 +78,32 @@ class ModelConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         if "input_size" in known:
             known["input_size"] = tuple(known["input_size"])
-        if known.get("taps") is not None:
-            known["taps"] = tuple(known["taps"])
+        for key in ("taps", "landmark_mirror"):
+            if known.get(key) is not None:
+                known[key] = tuple(known[key])
         return cls(**known)
+
+    def __post_init__(self) -> None:
+        mirror = self.landmark_mirror
+        if mirror is not None and sorted(mirror) != list(range(self.num_landmarks)):
+            raise ValueError(
+                f"landmark_mirror must be a permutation of 0..{self.num_landmarks - 1}, "
+                f"got {list(mirror)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["input_size"] = list(self.input_size)
-        out["taps"] = list(self.taps) if self.taps is not None else None
+        for key in ("taps", "landmark_mirror"):
+            value = getattr(self, key)
+            out[key] = list(value) if value is not None else None
         return out
+
+    @property
+    def landmarks_read_image(self) -> bool:
+        """Whether the served landmarks need the image besides its features: a zoomed
+        second pass crops it, a mirror pass flips it."""
+        return bool(self.landmark_zoom) or self.landmark_mirror is not None
 
 
 class FeatureAdapter(nn.Module):
@@ -237,18 +260,41 @@ class JLAD(nn.Module):
     def detect_landmarks(self, image: Tensor, features: Tensor) -> dict[str, Tensor]:
         """The served landmarks of images (B, 3, H, W) whose `features` are given: W_D on
         them, then with `landmark_zoom` W_D again on the crop around those points, mapped
-        back to the frame (zoom.py). Same keys as `landmarks`; `confidence` is the last
+        back to the frame (zoom.py); with `landmark_mirror` the last pass is averaged with
+        its run on the mirrored input. Same keys as `landmarks`; `confidence` is the last
         pass's (peak mass within 1.5 of its own cells)."""
         first = self.landmarks(features)
         if not self.config.landmark_zoom:
-            return first
-        centre, half = zoom_window(first["points"], self.config.landmark_zoom)
-        second = self.landmarks(self.features(crop_window(image, centre, half)))
+            return self._mirror_averaged(first, image)
+        crop, centre, half = self.landmark_window(image, first["points"])
+        second = self._mirror_averaged(self.landmarks(self.features(crop)), crop)
         return {
             "heatmaps": heatmaps_to_frame(second["heatmaps"], centre, half, self.grid_size),
             "points": points_to_frame(second["points"], centre, half),
             "confidence": second["confidence"],
         }
+
+    def last_landmark_input(self, image: Tensor) -> Tensor:
+        """What the last landmark pass of `detect_landmarks` runs W_D on: the image, or with
+        `landmark_zoom` the crop around the first pass's points."""
+        if not self.config.landmark_zoom:
+            return image
+        return self.landmark_window(image, self.landmarks(self.features(image))["points"])[0]
+
+    def _mirror_averaged(self, out: dict[str, Tensor], image: Tensor) -> dict[str, Tensor]:
+        """`out` (W_D on `image`) averaged with W_D on the image's mirror, when
+        `landmark_mirror` is set."""
+        if self.config.landmark_mirror is None:
+            return out
+        mirrored = self.landmarks(self.features(image.flip(-1)))
+        return mirror_average(out, mirrored, self.config.landmark_mirror)
+
+    def landmark_window(self, image: Tensor, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What the second landmark pass sees: the crop of `landmark_zoom` x the bounding box
+        of `points` (B, K, 2), resampled to the input size, with its window (centre (B, 2),
+        half-side (B,); zoom.py)."""
+        centre, half = zoom_window(points, self.config.landmark_zoom)
+        return crop_window(image, centre, half), centre, half
 
     def align(self, source: Tensor, target: Tensor) -> dict[str, Tensor]:
         """W_A, W_C: mapping (B, 2, h, w), log_sigma (B, 1, h, w), confidence (B, 1, h, w)."""

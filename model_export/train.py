@@ -150,6 +150,49 @@ class ViewBank:
         return SyntheticPair(source, target, mapping.permute(0, 2, 3, 1), mapping, valid)
 
 
+VIEWS_OF = ("image", "landmark_window")
+"""What a view bank's views are drawn from (config key `views_of`): the training image, or
+the crop the model's second landmark pass sees (`landmark_window_crops`)."""
+
+
+@torch.no_grad()
+def landmark_window_crops(model: JLAD, images: Tensor, batch: int = 16) -> Tensor:
+    """Each image's crop as the served second landmark pass sees it (`JLAD.landmark_window`
+    around the first pass's points, with the model's `landmark_zoom`), (N, 3, H, W).
+
+    Views drawn from these train W_D at the scale and framing it is served at: the object
+    filling the frame, centred, whatever the upload's framing."""
+    if not model.config.landmark_zoom:
+        raise ValueError("views_of: landmark_window needs model.landmark_zoom > 0")
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in tqdm(range(0, len(images), batch), desc="landmark windows", unit="batch"):
+        out.append(model.last_landmark_input(images[start : start + batch]))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def build_view_bank(
+    model: JLAD,
+    config: dict[str, Any],
+    images: Tensor,
+    views: int,
+    warp: WarpConfig,
+    path: Path,
+    key: dict[str, Any],
+) -> ViewBank:
+    """The run's `ViewBank` (views of the images, or of their landmark windows as `views_of`
+    says; warps drawn from seed + 1), saved to `path` for `--resume` and `views_cache`."""
+    bank_gen = torch.Generator().manual_seed(int(config.get("seed", 0)) + 1)
+    if config.get("views_of", "image") == "landmark_window":
+        images = landmark_window_crops(model, images)
+    bank = cache_view_features(model, images, views, warp, bank_gen)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"features": bank.features, "affines": bank.affines, "key": json.dumps(key)}, path)
+    return bank
+
+
 @torch.no_grad()
 def cache_view_features(
     model: JLAD, images: Tensor, views: int, warp: WarpConfig, gen: torch.Generator, batch: int = 8
@@ -373,6 +416,8 @@ def check_config(config: dict[str, Any]) -> None:
     WarpConfig(**config.get("warp", {}))
     stages = config["stages"]
     stage_index_named(stages, config.get("from_stage"))
+    if config.get("views_of", "image") not in VIEWS_OF:
+        raise ValueError(f"views_of must be one of {VIEWS_OF}, got {config.get('views_of')!r}")
     terms = LandmarkTerms(**config.get("landmark_loss", {}))
     for stage in stages:
         if stage["kind"] not in STAGE_KINDS:
@@ -483,6 +528,7 @@ def view_bank_key(
         "seed": int(config.get("seed", 0)),
         "warp": asdict(warp),
         "views": views,
+        "views_of": config.get("views_of", "image"),
         "model": {k: model[k] for k in frozen},
     }
 
@@ -568,13 +614,7 @@ def run_training(
             bank = load_view_bank(bank_path, None)
         else:
             assert data is not None
-            bank_gen = torch.Generator().manual_seed(seed + 1)
-            bank = cache_view_features(model, data.images, views, warp, bank_gen)
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save(
-                {"features": bank.features, "affines": bank.affines, "key": json.dumps(key)},
-                bank_path,
-            )
+            bank = build_view_bank(model, config, data.images, views, warp, bank_path, key)
         cached = bank.features[:, 0]
     cache_path = out / "features_cache.pt"
     if cached is None and resume and cache_path.exists():

@@ -39,6 +39,8 @@ def _model(size: int, zoom: float = 0.0) -> JLAD:
             consensus_rounds=3,
             motion_prior_kernel=5,
             landmark_zoom=zoom,
+            # the served `faces` recipe: the zoomed pass averaged with its mirror
+            landmark_mirror=(1, 0, 2, 4, 3) if zoom else None,
         )
     )
     # a trained-like, non-zero residual so the whole W_A path is exercised
@@ -55,7 +57,8 @@ def _model(size: int, zoom: float = 0.0) -> JLAD:
 def exported(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[JLAD, Path]:
-    """One export per size, without (`objects`) and with (`faces`) the landmark zoom."""
+    """One export per size, without (`objects`) and with (`faces`) the landmark zoom and
+    mirror averaging."""
     size, zoom = request.param
     model = _model(size, zoom)
     # int8 calibrated on scikit-image samples (no calibration folder: the CI path)
@@ -207,8 +210,12 @@ def test_int8_graphs_are_quantized_where_it_pays(exported: tuple[JLAD, Path]) ->
                     graph,
                     node.name,
                 )
-        int8_weights = [i for i in int8.graph.initializer if i.data_type == onnx.TensorProto.INT8]
-        assert len(int8_weights) >= len(convs)
+        # every convolution's weight is stored as int8 (passes that share weights, as the
+        # landmark graph's zoomed and mirrored passes, share the initializer too)
+        int8_weights = {
+            i.name for i in int8.graph.initializer if i.data_type == onnx.TensorProto.INT8
+        }
+        assert {made_by[conv.input[1]].input[0] for conv in convs} <= int8_weights
 
 
 def test_manifest_describes_the_files(exported: tuple[JLAD, Path]) -> None:
@@ -235,6 +242,7 @@ def test_manifest_describes_the_files(exported: tuple[JLAD, Path]) -> None:
             assert names == manifest["graphs"][graph]["inputs"]
     zoom = model.config.landmark_zoom
     assert manifest["landmark_zoom"] == zoom
+    assert manifest["landmark_mirror"] == ([1, 0, 2, 4, 3] if zoom else None)
     assert ("image" in manifest["graphs"]["landmarks"]["inputs"]) is bool(zoom)
 
 

@@ -428,6 +428,40 @@ def test_a_run_reuses_another_runs_view_bank_only_when_it_was_made_alike(tmp_pat
         run_training(other, data, tmp_path / "third")
 
 
+def test_views_of_landmark_window_draws_the_bank_from_the_second_passs_crops(
+    tmp_path: Path,
+) -> None:
+    """`views_of: landmark_window`: view 0 of each image in the bank is the crop the served
+    second landmark pass sees (`JLAD.landmark_window` around the first pass's points, as
+    `detect_landmarks` crops it), not the image; without a `landmark_zoom` it is refused."""
+    from model_export.train import landmark_window_crops
+
+    images = _pictures(TRAIN_PICTURES[:3])
+    data = TrainingImages(images, torch.zeros(len(images), dtype=torch.long))
+    config = _landmark_config(iterations=1)
+    config["model"] = {**config["model"], "landmark_zoom": 1.3}  # type: ignore[dict-item]
+    config["views_of"] = "landmark_window"
+    out = tmp_path / "zoomed"
+    run_training(config, data, out)
+    bank = torch.load(out / "views_cache.pt", weights_only=True)
+    assert json.loads(bank["key"])["views_of"] == "landmark_window"
+    torch.manual_seed(0)  # the run's start: its seed, no weights loaded
+    initial = JLAD(ModelConfig.from_dict(config["model"])).eval()
+    with torch.no_grad():
+        points = initial.landmarks(initial.features(images))["points"]
+        crops, _, half = initial.landmark_window(images, points)
+        expected = initial.cacheable_features(crops).half()
+    assert bool((half < 1).all())  # a real zoom: the crops are not the images
+    torch.testing.assert_close(landmark_window_crops(initial, images), crops)
+    torch.testing.assert_close(bank["features"][:, 0], expected, atol=2e-3, rtol=0)
+    assert not torch.allclose(
+        bank["features"][:, 0].float(), initial.cacheable_features(images), atol=2e-2
+    )
+    config["model"] = {**config["model"], "landmark_zoom": 0.0}  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="landmark_zoom"):
+        run_training(config, data, tmp_path / "unzoomed")
+
+
 def test_scheduled_lr_factor_known_values() -> None:
     """Constant is 1 everywhere; cosine starts at 1, is 1/2 halfway and reaches 0 at the end."""
     from model_export.train import scheduled_lr_factor
@@ -495,3 +529,5 @@ def test_the_config_check_refuses_a_stage_mistake_before_training() -> None:
             check_config(broken)
     with pytest.raises(ValueError, match="no stage named"):
         check_config({**config, "from_stage": "nope"})
+    with pytest.raises(ValueError, match="views_of"):
+        check_config({**config, "views_of": "crops"})

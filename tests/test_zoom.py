@@ -3,11 +3,13 @@ answers, gradients, and the model's `detect_landmarks` with and without it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from model_export.geometry import cell_centres
-from model_export.landmarks import soft_argmax
+from model_export.landmarks import mirror_average, mirror_pairs, soft_argmax
 from model_export.model import JLAD, ModelConfig
 from model_export.zoom import (
     ZOOM_MAX_HALF,
@@ -119,3 +121,90 @@ def test_detect_landmarks_with_zoom_is_the_second_pass_on_the_crop(zoom: float) 
     )
     torch.testing.assert_close(served["confidence"], crop_points["confidence"])
     assert ModelConfig.from_dict(model.config.to_dict()).landmark_zoom == zoom
+
+
+def test_mirror_average_known_answer() -> None:
+    """Landmark k is averaged with landmark pairs[k] of the mirror run, mirrored back
+    (x -> -x); heatmaps are flipped back and still sum to one."""
+    points = torch.tensor([[[-0.5, 0.1], [0.4, 0.2], [0.0, -0.3]]])
+    mirrored_points = torch.tensor([[[0.3, 0.2], [0.6, 0.1], [0.2, -0.3]]])
+    heat = torch.softmax(torch.randn(1, 3, 5 * 5), -1).reshape(1, 3, 5, 5)
+    heat_m = torch.softmax(torch.randn(1, 3, 5 * 5), -1).reshape(1, 3, 5, 5)
+    out = mirror_average(
+        {"heatmaps": heat, "points": points, "confidence": torch.tensor([[0.2, 0.4, 0.6]])},
+        {
+            "heatmaps": heat_m,
+            "points": mirrored_points,
+            "confidence": torch.tensor([[1.0, 0.0, 0.5]]),
+        },
+        [1, 0, 2],
+    )
+    expected = torch.tensor([[[-0.55, 0.1], [0.05, 0.2], [-0.1, -0.3]]])
+    torch.testing.assert_close(out["points"], expected)
+    torch.testing.assert_close(out["confidence"], torch.tensor([[0.1, 0.7, 0.55]]))
+    torch.testing.assert_close(out["heatmaps"][0, 0], (heat[0, 0] + heat_m[0, 1].flip(-1)) / 2)
+    torch.testing.assert_close(out["heatmaps"].sum(dim=(-2, -1)), torch.ones(1, 3))
+
+
+def test_mirror_pairs_recovers_a_known_pairing() -> None:
+    """Points whose mirror run is a known shuffle (plus noise) give back that shuffle."""
+    gen = torch.Generator().manual_seed(0)
+    points = torch.rand(50, 6, 2, generator=gen) * 2 - 1
+    pairs = [3, 2, 1, 0, 5, 4]
+    inverse = [pairs.index(j) for j in range(6)]
+    mirrored = points[:, inverse] * torch.tensor([-1.0, 1.0])
+    mirrored = mirrored + 0.02 * torch.randn(mirrored.shape, generator=gen)
+    assert mirror_pairs(points, mirrored) == pairs
+
+
+def test_mirrored_landmarks_follow_a_mirrored_image() -> None:
+    """With `landmark_mirror` (an involution) the served landmarks are mirror-equivariant by
+    construction: those of the mirror image are the image's, mirrored and re-paired, whatever
+    the weights. Without it a random W_D is not."""
+    images = torch.rand(2, 3, 64, 64)
+    pairs = (1, 0, 3, 2)
+    for mirror, equivariant in [(pairs, True), (None, False)]:
+        model = _model(0.0)
+        model.config.landmark_mirror = mirror
+        with torch.no_grad():
+            out = model.detect_landmarks(images, model.features(images))
+            flipped = images.flip(-1)
+            out_m = model.detect_landmarks(flipped, model.features(flipped))
+        back = out_m["points"][:, list(pairs)] * torch.tensor([-1.0, 1.0])
+        assert torch.allclose(back, out["points"], atol=1e-5) == equivariant
+
+
+def test_landmark_mirror_must_pair_every_landmark() -> None:
+    with pytest.raises(ValueError, match="permutation"):
+        ModelConfig(num_landmarks=3, landmark_mirror=(0, 0, 1))
+    config = ModelConfig(num_landmarks=3, landmark_mirror=(2, 1, 0))
+    assert ModelConfig.from_dict(config.to_dict()).landmark_mirror == (2, 1, 0)
+    assert config.landmarks_read_image and not ModelConfig().landmarks_read_image
+
+
+def test_mirror_pairs_cli_writes_a_pairing_the_checkpoint_then_serves(tmp_path: Path) -> None:
+    """`python -m model_export.mirror_pairs --write` on a checkpoint and a folder of images
+    stores a permutation of the K landmarks in config.json; the checkpoint then loads with
+    it and serves mirror-averaged landmarks."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from model_export.checkpoint import load_model, save_checkpoint
+    from model_export.mirror_pairs import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("astronaut", "chelsea", "coffee"):
+        Image.fromarray(getattr(skdata, name)()).save(folder / f"{name}.png")
+    model = _model(1.3)
+    save_checkpoint(tmp_path / "ckpt", model, {"seed": 0})
+    main(
+        ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(folder), "--images", "3", "--write"]
+    )
+    served, _ = load_model(tmp_path / "ckpt", pretrained_backbone=False)
+    pairs = served.config.landmark_mirror
+    assert pairs is not None and sorted(pairs) == [0, 1, 2, 3]
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        out = served.detect_landmarks(images, served.features(images))
+    assert out["points"].shape == (1, 4, 2) and bool(out["points"].abs().le(1).all())
