@@ -141,12 +141,13 @@ def mirror_average(
     }
 
 
-def mirror_pairs(points: Tensor, mirrored_points: Tensor) -> list[int]:
+def mirror_pairs(points: Tensor, mirrored_points: Tensor) -> tuple[list[int], Tensor]:
     """The counterpart of each landmark (for `mirror_average`) from W_D's points on N images
     (N, K, 2) and on their mirrors (N, K, 2, as W_D placed them on the mirror images): the
     assignment k -> j that minimises the summed mean distance between landmark k and the
-    mirrored-back landmark j (Hungarian algorithm)."""
+    mirrored-back landmark j (Hungarian algorithm), and each pair's mean distance (K,)."""
     back = mirrored_points * points.new_tensor([-1.0, 1.0])
     distance = (points[:, :, None, :] - back[:, None, :, :]).norm(dim=-1).mean(dim=0)  # (K, K)
     rows, cols = linear_sum_assignment(distance.double().numpy())
-    return [int(c) for _, c in sorted(zip(rows, cols, strict=True))]
+    pairs = [int(c) for _, c in sorted(zip(rows, cols, strict=True))]
+    return pairs, distance[torch.arange(len(pairs)), torch.as_tensor(pairs)]

@@ -57,14 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     model, config = load_model(args.checkpoint)
-    # the last pass alone: a stored pairing must not average the points it is fitted on
-    model.config.landmark_mirror = None
     limits = {**config, "max_images": args.images, "images_per_class": max(1, args.images // 100)}
     images = load_training_images(limits, args.data).images[: args.images]
     points, mirrored = last_pass_points(model, images)
-    pairs = mirror_pairs(points, mirrored)
-    back = mirrored[:, pairs] * torch.tensor([-1.0, 1.0])
-    distance = (points - back).norm(dim=-1).mean(dim=0)
+    pairs, distance = mirror_pairs(points, mirrored)
     for k, (j, d) in enumerate(zip(pairs, distance.tolist(), strict=True)):
         log.info("landmark %d <-> %d: mean distance %.3f", k, j, d)
     print(json.dumps({"landmark_mirror": pairs, "mean_distance": distance.tolist()}))

@@ -154,7 +154,9 @@ def test_mirror_pairs_recovers_a_known_pairing() -> None:
     inverse = [pairs.index(j) for j in range(6)]
     mirrored = points[:, inverse] * torch.tensor([-1.0, 1.0])
     mirrored = mirrored + 0.02 * torch.randn(mirrored.shape, generator=gen)
-    assert mirror_pairs(points, mirrored) == pairs
+    found, distance = mirror_pairs(points, mirrored)
+    assert found == pairs
+    assert distance.shape == (6,) and bool((distance < 0.05).all())
 
 
 def test_mirrored_landmarks_follow_a_mirrored_image() -> None:
