@@ -246,6 +246,29 @@ def test_colour_refinement_keeps_labels_and_leaves_uniform_masks() -> None:
     np.testing.assert_array_equal(held, warped)
 
 
+def test_colour_refinement_votes_average_the_routes_priors() -> None:
+    """Where the colours say nothing (one grey for both labels), the label is the one with
+    the larger mean window share over the mask and its votes: edges at columns 30 and 24,
+    radius 8, so label 1 keeps columns c with (30 - (c - 8)) + (24 - (c - 8)) > 17, c <= 26."""
+    grey = np.full((40, 60, 3), 128, np.uint8)
+    source_mask = np.zeros((40, 60), np.uint8)
+    source_mask[:, :30] = 1
+    warped = source_mask.copy()
+    vote = np.zeros((40, 60), np.uint8)
+    vote[:, :24] = 1
+    refined = refine_by_colour(grey, source_mask, grey, warped, radius=8, votes=[vote])
+    expected = np.zeros((40, 60), np.uint8)
+    expected[:, :27] = 1
+    np.testing.assert_array_equal(refined, expected)
+    # A vote that agrees with the mask changes nothing.
+    np.testing.assert_array_equal(
+        refine_by_colour(grey, source_mask, grey, warped, radius=8, votes=[warped]),
+        refine_by_colour(grey, source_mask, grey, warped, radius=8),
+    )
+    with pytest.raises(ValueError, match="vote"):
+        refine_by_colour(grey, source_mask, grey, warped, radius=8, votes=[vote[:5]])
+
+
 def test_colour_refinement_rejects_bad_inputs() -> None:
     image = np.zeros((10, 12, 3), np.uint8)
     mask = np.zeros((10, 12), np.uint8)

@@ -3,6 +3,8 @@ mask helpers it uses, on synthetic label maps and correspondence fields."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 from jlad_client.masks import label_agreement, propagate_mask, reliable_fraction
@@ -132,3 +134,32 @@ def test_multi_label_masks_keep_their_labels() -> None:
     expected = _square(3, 2, label=3) + _square(17, 10, label=9)
     np.testing.assert_array_equal(step.mask, expected)
     assert step.reliability == 1.0 and step.origin == "previous"
+
+
+def test_refinement_of_a_fused_step_hears_the_direct_warp() -> None:
+    """The refiner gets the directly warped mask as a vote on fused steps, none otherwise."""
+    calls: list[tuple[np.ndarray, list[np.ndarray]]] = []
+
+    def recorder(mask: np.ndarray, *, votes: Sequence[np.ndarray] = ()) -> np.ndarray:
+        calls.append((mask, list(votes)))
+        return mask
+
+    annotation = _square(4, 4)
+    first = chain_step(annotation, None, None, annotation, _shift_field(1), ONES, refine=recorder)
+    assert len(calls) == 1 and calls[0][1] == []
+    # Unsure direct matches (0.4): the fused mask is the chained one; the direct warp votes.
+    anchor_confidence = np.full((H, W), 0.4, np.float32)
+    fused = chain_step(
+        first.mask,
+        _shift_field(1),
+        ONES,
+        annotation,
+        identity_grid(H, W),
+        anchor_confidence,
+        fallback_reliability=0.0,
+        refine=recorder,
+    )
+    direct = propagate_mask(annotation, identity_grid(H, W), anchor_confidence)
+    assert len(calls) == 2 and len(calls[1][1]) == 1
+    np.testing.assert_array_equal(calls[1][1][0], direct)
+    np.testing.assert_array_equal(fused.mask, calls[1][0])

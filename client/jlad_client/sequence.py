@@ -20,7 +20,8 @@ Two modes (docs/CLIENT.md explains when to use which):
     confidence stays near 1 between neighbouring frames even while a chain drifts onto the
     background, whereas drift shows as disagreement with the annotated frame. Below
     `fallback_reliability` the frame takes the directly warped mask (`fell_back`) and the
-    chain restarts from it.
+    chain restarts from it. With `refine="colour"` the directly warped mask also votes in
+    the colour refinement of the fused one (`refine_by_colour(..., votes=...)`).
 
 If the annotated image is itself one of the frames (`anchor_index`), that frame keeps the
 annotation, and the chain walks forwards from it and then backwards from it.
@@ -30,9 +31,9 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -53,6 +54,15 @@ DEFAULT_FALLBACK_RELIABILITY = 0.3
 warped mask. Chosen on the four DAVIS-2016 sample sequences (docs/EVALUATION.md): 0.3 keeps
 the chain at least as good as anchor mode on each of them; 0.5 restarts too often (the
 directly warped mask is itself poor on fast motion) and 0 lets `libby` drift."""
+
+
+class Refiner(Protocol):
+    """Moves a frame's propagated mask onto the frame's content (e.g. `colour_refiner`);
+    `votes` are masks of the same frame propagated by other routes."""
+
+    def __call__(
+        self, mask: NDArray[np.integer], *, votes: Sequence[NDArray[np.integer]] = ()
+    ) -> NDArray[np.integer]: ...
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,7 @@ def chain_step(
     min_confidence: float = DEFAULT_MIN_CONFIDENCE,
     keep_if_neighbours_agree: bool = True,
     fallback_reliability: float = DEFAULT_FALLBACK_RELIABILITY,
-    refine: Callable[[NDArray[np.integer]], NDArray[np.integer]] | None = None,
+    refine: Refiner | None = None,
 ) -> ChainStep:
     """One step of chain mode, from correspondence arrays (the service's or the model's).
 
@@ -116,7 +126,9 @@ def chain_step(
             `propagate_mask`, used for both warps; `min_confidence` also decides which
             pixels keep the directly warped label.
         fallback_reliability: below this agreement the frame takes the directly warped mask.
-        refine: applied to the step's mask (e.g. `colour_refiner`); the reliability stays
+        refine: applied to the step's mask (e.g. `colour_refiner`), with the directly
+            warped mask as a vote when the mask is the fused one: where chain and anchor
+            disagree near a boundary, the frame's colours decide. The reliability stays
             that of the unrefined masks.
 
     Returns:
@@ -130,18 +142,20 @@ def chain_step(
         min_confidence=min_confidence,
         keep_if_neighbours_agree=keep_if_neighbours_agree,
     )
-    finish = refine or (lambda mask: mask)
     direct = warp(annotation, anchor_field, anchor_confidence)
     if previous_field is None or previous_confidence is None:
-        return ChainStep(finish(direct), 1.0, "anchor", False)
+        return ChainStep(direct if refine is None else refine(direct), 1.0, "anchor", False)
     chained = warp(previous_mask, previous_field, previous_confidence)
     agreement = label_agreement(chained, direct)
     if not agreement >= fallback_reliability:
-        return ChainStep(finish(direct), agreement, "anchor", True)
+        return ChainStep(direct if refine is None else refine(direct), agreement, "anchor", True)
     # Where the direct match holds, the chain has nothing to add and could only have drifted.
     trusted = np.asarray(anchor_confidence) >= min_confidence
     fused = np.where(trusted, direct, chained).astype(direct.dtype, copy=False)
-    return ChainStep(finish(fused), agreement, "previous", False)
+    # The direct warp also votes on the refined boundaries: a chain refined from its own
+    # refined masks alone crept off the object's colours on the DAVIS sample (scooter-black).
+    mask = fused if refine is None else refine(fused, votes=[direct])
+    return ChainStep(mask, agreement, "previous", False)
 
 
 def colour_refiner(
@@ -149,11 +163,19 @@ def colour_refiner(
     annotation: NDArray[np.integer],
     frame: NDArray[np.uint8],
     grid_size: tuple[int, int],
-) -> Callable[[NDArray[np.integer]], NDArray[np.integer]]:
+) -> Refiner:
     """`refine_by_colour` for masks propagated onto `frame` from the annotated frame's
     colours, within one cell of the (h, w) correspondence grid of the boundaries."""
     radius = correspondence_cell_px(frame.shape[:2], grid_size)
-    return functools.partial(refine_by_colour, annotated_image, annotation, frame, radius=radius)
+
+    def refine(
+        mask: NDArray[np.integer], *, votes: Sequence[NDArray[np.integer]] = ()
+    ) -> NDArray[np.integer]:
+        return refine_by_colour(
+            annotated_image, annotation, frame, mask, radius=radius, votes=votes
+        )
+
+    return refine
 
 
 def chain_order(count: int, anchor_index: int | None) -> list[tuple[int, int | None]]:
