@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from numpy.typing import NDArray
 from tqdm import tqdm
 
 from bench.common import declared_inputs, machine_info, write_json
-from service.runtime import find_models
+from service.runtime import Session, find_models, session_options
 
 log = logging.getLogger("bench.cost_ratios")
 
@@ -54,9 +53,11 @@ TARGETS = {
 def export_bare_trunk(variant: str, input_size: tuple[int, int], path: Path) -> None:
     """The whole EfficientNet-Lite trunk `variant` (ImageNet weights, eval mode) as an ONNX
     graph image (B, 3, H, W) -> last block's output, dynamic batch."""
+    import onnx
     import torch
 
     from model_export.backbones import EfficientNetLite
+    from model_export.onnx_passes import fold_pads_into_convs
 
     trunk = EfficientNetLite(variant, taps=None)
     trunk.load_imagenet()
@@ -72,14 +73,15 @@ def export_bare_trunk(variant: str, input_size: tuple[int, int], path: Path) -> 
         opset_version=17,
         dynamo=False,
     )
+    # The same graph rewrite as the served graphs get (model_export/export.py), so that the
+    # trunk stays the bare baseline of the same exporter.
+    proto = onnx.load(str(path))
+    fold_pads_into_convs(proto)
+    onnx.save(proto, str(path))
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+def _session(path: Path, threads: int) -> Session:
+    return Session(path, session_options(threads, spinning=True), ["CPUExecutionProvider"])
 
 
 def time_call(run: Callable[[], object], seconds: float, min_iterations: int = 3) -> float:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import Tensor
 
@@ -28,7 +27,7 @@ from bench.common import declared_inputs, machine_info, write_json
 from model_export.checkpoint import load_model
 from model_export.evaluate import evaluate_faces, evaluate_pfwillow
 from model_export.model import JLAD
-from service.runtime import GRAPHS, find_models
+from service.runtime import GRAPHS, Session, find_models, session_options
 
 log = logging.getLogger("bench.int8_accuracy")
 
@@ -45,12 +44,9 @@ class OnnxModel:
     def __init__(self, model: JLAD, graphs: dict[str, Path], threads: int = 0) -> None:
         self.config = model.config
         self._torch = model
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options = session_options(threads, spinning=True)
         self._sessions = {
-            g: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-            for g, p in graphs.items()
+            g: Session(p, options, ["CPUExecutionProvider"]) for g, p in graphs.items()
         }
         self._dtype = (
             np.float16

@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from bench.common import declared_inputs, latency_summary, machine_info, parse_int_list, write_json
-from service.runtime import GRAPHS, find_models, resolve_providers
+from service.runtime import GRAPHS, Session, find_models, resolve_providers, session_options
 
 log = logging.getLogger("bench.raw_onnx")
 
@@ -74,22 +74,13 @@ class RawGraphs:
         spinning: bool = True,
     ) -> None:
         info = find_models(model_dir, [model])[model]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        if not spinning:
-            # What the service does (service/runtime.py); the raw loop keeps ORT's default so
-            # that it stays the bare baseline, and this variant measures the difference.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The service's options; spinning stays ORT's default in the raw loop so that it is
+        # the bare baseline, and the non-spinning variant measures the difference.
+        options = session_options(threads, spinning=spinning)
         self.spinning = spinning
         provider_list = resolve_providers(providers, ort.get_available_providers())
         self.sessions = {
-            graph: ort.InferenceSession(
-                str(info.graph_path(precision, graph)[0]),
-                sess_options=options,
-                providers=provider_list,
-            )
+            graph: Session(info.graph_path(precision, graph)[0], options, provider_list)
             for graph in GRAPHS
         }
         self.provider = self.sessions["backbone"].get_providers()[0]

@@ -50,15 +50,20 @@ from model_export.similarity import (
 )
 
 
-def channel_softmax(x: Tensor) -> Tensor:
-    """Softmax over axis 1 of (B, N, h, w), written out (max, exp, sum, divide).
+def softmax_expectation(logits: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean target-cell centre under softmax over axis 1 of `logits` (B, ht*wt, h, w), with
+    centres (ht, wt, 2): mapping (B, 2, h, w) and the softmax's peak probability (B, 1, h, w).
 
-    Same values as torch.softmax(x, dim=1); written out because ONNX Runtime's CPU Softmax
-    on a non-last axis transposes around a generic kernel and cost 42 % of the align graph
-    (13 ms per 1024 x 1024 volume, profiled), where these element-wise passes cost a few.
+    The probabilities are never formed as a volume: exp(logits - max) goes through
+    `expected_position` unnormalised and the (B, 2, h, w) result is divided by the sum; the
+    peak is 1 / sum (the maximum's term is exp(0)). ONNX Runtime's CPU Softmax on a
+    non-last axis transposes around a generic kernel (13 ms per 4 x 1024 x 32 x 32 volume,
+    profiled), and every volume-sized pass saved (the division, a second max for the peak)
+    is ~2-4 ms of a ~100 ms align graph.
     """
-    e = torch.exp(x - x.amax(dim=1, keepdim=True))
-    return e / e.sum(dim=1, keepdim=True)
+    e = torch.exp(logits - logits.amax(dim=1, keepdim=True))
+    total = e.sum(dim=1, keepdim=True)
+    return expected_position(e, centres) / total, 1.0 / total
 
 
 def soft_argmax_mapping(
@@ -74,19 +79,36 @@ def soft_argmax_mapping(
         ht, wt = _target_grid(int(n), int(h), int(w))
     else:  # Python ints: constant grids in the exported graph (see landmarks._grid_size)
         ht, wt = grid_size
-    prob = channel_softmax(similarity * beta)
-    grid = cell_centres(ht, wt, like=similarity).reshape(ht * wt, 2)
-    mapping = torch.einsum("bnhw,nc->bchw", prob, grid)
-    return mapping, prob.amax(dim=1, keepdim=True)
+    return softmax_expectation(similarity * beta, cell_centres(ht, wt, like=similarity))
+
+
+def expected_position(prob: Tensor, centres: Tensor) -> Tensor:
+    """Mean target-cell centre under each source cell's distribution: prob (B, ht*wt, h, w)
+    and centres (ht, wt, 2) -> (B, 2, h, w); `einsum("bnhw,nc->bchw")`.
+
+    One (2, N) x (N, h*w) product per image: ONNX Runtime's CPU Einsum took 8.6 ms for it on
+    a 4 x 1024 x 32 x 32 volume (it transposes the volume first), MatMul 0.9 ms.
+    """
+    b, n, h, w = prob.shape
+    flat = centres.reshape(n, 2).transpose(0, 1)
+    return torch.matmul(flat, prob.reshape(b, n, h * w)).reshape(b, 2, h, w)
 
 
 def reverse_mapping(scores: Tensor, beta: Tensor | float, grid_size: tuple[int, int]) -> Tensor:
     """For each target cell, the expected source position under the soft-argmax over the
-    source cells of the same similarity volume: scores (B, ht*wt, h, w) -> (B, 2, ht, wt)."""
+    source cells of the same similarity volume: scores (B, ht*wt, h, w) -> (B, 2, ht, wt).
+
+    The softmax runs over the volume's last two axes as they lie (max and sum over
+    contiguous memory, then one (N, h*w) x (h*w, 2) product) rather than over axis 1 of the
+    transposed volume: the 1024 x 1024 transpose and the strided max cost ~7 ms per 4 pairs.
+    """
     h, w = grid_size
-    reverse_scores = scores.reshape(-1, h * w, h * w).transpose(1, 2).reshape(-1, h * w, h, w)
-    reverse, _ = soft_argmax_mapping(reverse_scores, beta, grid_size)
-    return reverse
+    b, n = scores.shape[:2]
+    logits = scores * beta
+    e = torch.exp(logits - logits.amax(dim=(2, 3), keepdim=True)).reshape(b, n, h * w)
+    centres = cell_centres(h, w, like=scores).reshape(h * w, 2)
+    expected = torch.matmul(e, centres) / e.sum(dim=2, keepdim=True)  # (B, ht*wt, 2)
+    return expected.transpose(1, 2).reshape(b, 2, h, w)
 
 
 def round_trip_consistency(reverse: Tensor, mapping: Tensor, grid_size: tuple[int, int]) -> Tensor:
@@ -151,8 +173,8 @@ def prior_soft_argmax_mapping(
     log_py = -scale_y * (ys - expected[:, 1:2]).pow(2)  # (B, ht, h, w)
     logits = (similarity * beta).reshape(b, ht, wt, h, w) + log_py.unsqueeze(2)
     logits = logits + log_px.unsqueeze(1)
-    prob = channel_softmax(logits.reshape(b, ht * wt, h, w))
-    return torch.einsum("bnhw,nc->bchw", prob, centres.reshape(ht * wt, 2))
+    mapping, _ = softmax_expectation(logits.reshape(b, ht * wt, h, w), centres)
+    return mapping
 
 
 def _target_grid(n: int, h: int, w: int) -> tuple[int, int]:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model_export.similarity import l2_normalise
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -240,7 +242,7 @@ def _hypercolumn(maps: list[Tensor], strides: list[int]) -> Tensor:
     """
     if len(maps) == 1:
         return maps[0]
-    maps = [m / (m.norm(dim=1, keepdim=True) + 1e-6) / len(maps) ** 0.5 for m in maps]
+    maps = [l2_normalise(m) / len(maps) ** 0.5 for m in maps]
     out = [maps[0]]
     for m, stride in zip(maps[1:], strides[1:], strict=True):
         factor = stride // strides[0]

@@ -38,8 +38,9 @@ def _grid_size(heatmaps: Tensor, grid_size: tuple[int, int] | None) -> tuple[int
 def soft_argmax(heatmaps: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
     """Expected normalised (x, y) of each heatmap: (B, K, h, w) -> (B, K, 2)."""
     h, w = _grid_size(heatmaps, grid_size)
-    grid = cell_centres(h, w, like=heatmaps)  # (h, w, 2)
-    return torch.einsum("bkhw,hwc->bkc", heatmaps, grid)
+    grid = cell_centres(h, w, like=heatmaps).reshape(h * w, 2)
+    # A MatMul rather than einsum("bkhw,hwc->bkc"): ONNX Runtime's CPU Einsum transposes.
+    return torch.matmul(heatmaps.flatten(2), grid)
 
 
 def peak_mass(

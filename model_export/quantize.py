@@ -42,7 +42,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
-from onnx import numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -54,6 +53,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm import tqdm
 
 from model_export.data import IMAGE_EXTENSIONS, image_to_tensor, read_rgb
+from model_export.onnx_passes import fold_pads_into_convs
 
 log = logging.getLogger("jlad.quantize")
 
@@ -222,55 +222,6 @@ def calibration_feeds(
             for i in range(0, len(every), pair_batch * 2)
         ],
     }
-
-
-def fold_pads_into_convs(model: onnx.ModelProto) -> int:
-    """Fold every zero-valued constant `Pad` whose only reader is a `Conv` into that Conv's
-    `pads` attribute (the exported EfficientNet trunk pads explicitly before each conv).
-    A standalone Pad splits every QDQ chain in two (dequantize, pad in float, quantize
-    again); folded, conv follows conv in int8. Returns how many were folded."""
-    inits = {i.name: i for i in model.graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    outputs = {o.name for o in model.graph.output}
-    folded = []
-    for pad in [n for n in model.graph.node if n.op_type == "Pad"]:
-        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
-        after = readers.get(pad.output[0], [])
-        if mode != b"constant" or len(after) != 1 or pad.output[0] in outputs:
-            continue
-        conv = after[0]
-        if conv.op_type != "Conv" or conv.input[0] != pad.output[0] or pad.input[1] not in inits:
-            continue
-        if len(pad.input) > 2 and pad.input[2]:
-            value = inits.get(pad.input[2])
-            if value is None or np.any(numpy_helper.to_array(value) != 0):
-                continue
-        if len(pad.input) > 3 and pad.input[3]:  # explicit axes: leave it
-            continue
-        amounts = numpy_helper.to_array(inits[pad.input[1]]).astype(int).tolist()
-        rank = len(amounts) // 2
-        begin, end = amounts[:rank], amounts[rank:]
-        if rank < 3 or any(begin[:2]) or any(end[:2]) or min(amounts) < 0:
-            continue
-        attrs = {a.name: a for a in conv.attribute}
-        if "auto_pad" in attrs and attrs["auto_pad"].s not in (b"", b"NOTSET"):
-            continue
-        old = list(attrs["pads"].ints) if "pads" in attrs else [0] * (2 * (rank - 2))
-        spatial = rank - 2
-        new = [old[i] + begin[2 + i] for i in range(spatial)] + [
-            old[spatial + i] + end[2 + i] for i in range(spatial)
-        ]
-        if "pads" in attrs:
-            conv.attribute.remove(attrs["pads"])
-        conv.attribute.append(onnx.helper.make_attribute("pads", new))
-        conv.input[0] = pad.input[0]
-        folded.append(pad)
-    for pad in folded:
-        model.graph.node.remove(pad)
-    return len(folded)
 
 
 def int8_nodes(model: onnx.ModelProto) -> set[str]:

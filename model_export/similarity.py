@@ -13,15 +13,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def channel_norm(x: Tensor) -> Tensor:
+    """L2 norm over dim 1 of (B, C, ...), kept as a size-1 axis: `x.norm(dim=1, keepdim=True)`.
+
+    Written as the root of a sum of squares because ONNX Runtime's CPU ReduceL2 over a
+    non-last axis took 13.9 ms on a 4 x 1024 x 32 x 32 volume where Mul + ReduceSum + Sqrt
+    take 1.0 ms. The floor (1e-24 before the root, far below any eps it is added to) keeps
+    the gradient finite where x is all zero, as `norm`'s is.
+    """
+    return (x * x).sum(dim=1, keepdim=True).clamp_min(1e-24).sqrt()
+
+
 def l2_normalise(features: Tensor, eps: float = 1e-6) -> Tensor:
     """Normalise each cell's channel vector of (B, C, h, w) to unit length."""
-    return features / (features.norm(dim=1, keepdim=True) + eps)
+    return features / (channel_norm(features) + eps)
 
 
 def normalise_volume(volume: Tensor, eps: float = 1e-6) -> Tensor:
     """Eq. 1 normalisation of a similarity volume: clip negatives, unit length per position."""
     volume = F.relu(volume)
-    return volume / (volume.norm(dim=1, keepdim=True) + eps)
+    return volume / (channel_norm(volume) + eps)
 
 
 def cosine_cross_similarity(source: Tensor, target: Tensor) -> Tensor:

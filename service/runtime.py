@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+from service import fpenv
 from service.jobs import AlignOutput, InferenceJob, InferenceResult, LandmarkOutput
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,55 @@ def resolve_providers(spec: str, available: Sequence[str]) -> list[str]:
     return [p.strip() for p in spec.split(",") if p.strip()]
 
 
+def session_options(intra_op_threads: int = 0, *, spinning: bool = False) -> ort.SessionOptions:
+    """The ONNX Runtime options every jlad session uses (the service's and the bench's).
+
+    Denormals are flushed to zero: the soft-argmaxes of the align graph exponentiate scores
+    far below the maximum, and on Intel CPUs arithmetic on the resulting subnormal floats
+    traps to microcode: the align graph took 1.8x as long on a Xeon (377 vs 209 ms for 4
+    pairs; outputs identical). `spinning=False` keeps idle intra-op threads off the cores
+    that the event loop and the other sessions need (measured in bench/: spinning made
+    batch-1 CPU inference 2.7x slower in the service).
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+class Session:
+    """An ONNX Runtime session made with `session_options` whose runs flush subnormal floats
+    in the calling thread too (as its pool threads do), while neither creating nor running
+    it changes that thread's floating-point environment (service/fpenv.py says why)."""
+
+    def __init__(self, path: Path, options: ort.SessionOptions, providers: Sequence[str]) -> None:
+        self.inner, _ = fpenv.isolated(
+            lambda: ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        )
+        self._environment = fpenv.flushing_subnormals()
+
+    def run(self, names: list[str] | None, feed: dict[str, Any]) -> list[Any]:
+        with fpenv.applied(self._environment):
+            outputs: list[Any] = self.inner.run(names, feed)
+        return outputs
+
+    def get_inputs(self) -> list[Any]:
+        return list(self.inner.get_inputs())
+
+    def get_outputs(self) -> list[Any]:
+        return list(self.inner.get_outputs())
+
+    def get_providers(self) -> list[str]:
+        return list(self.inner.get_providers())
+
+    def get_session_options(self) -> ort.SessionOptions:
+        return self.inner.get_session_options()
+
+
 class ModelSessions:
     """The three ONNX Runtime sessions of one model, at one precision."""
 
@@ -177,21 +227,13 @@ class ModelSessions:
     ) -> None:
         self.info = info
         self.precision = precision
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # Spinning worker threads steal the cores that the event loop and the other
-        # sessions need; measured in bench/ it made batch-1 CPU inference 2.7x slower.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.sessions: dict[str, ort.InferenceSession] = {}
+        options = session_options(intra_op_threads)
+        self.sessions: dict[str, Session] = {}
         for graph in GRAPHS:
             path, sha = info.graph_path(precision, graph)
             verify_graph(path, sha)
             try:
-                self.sessions[graph] = ort.InferenceSession(
-                    str(path), sess_options=options, providers=providers
-                )
+                self.sessions[graph] = Session(path, options, providers)
             except Exception as exc:
                 raise ModelLoadError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
         active = self.sessions["backbone"].get_providers()

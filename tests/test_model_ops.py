@@ -12,11 +12,13 @@ import torch.nn.functional as F
 
 from model_export.alignment import (
     SemanticAligner,
-    channel_softmax,
+    expected_position,
     forward_backward_consistency,
     neighbourhood_motion,
     prior_soft_argmax_mapping,
+    reverse_mapping,
     soft_argmax_mapping,
+    softmax_expectation,
 )
 from model_export.backbones import build_backbone
 from model_export.checkpoint import load_model, save_checkpoint
@@ -24,6 +26,7 @@ from model_export.geometry import cell_centres, sample_at, warp_by_mapping
 from model_export.landmarks import LandmarkDetector, peak_mass, soft_argmax, spatial_softmax
 from model_export.model import JLAD, ModelConfig
 from model_export.similarity import (
+    channel_norm,
     cosine_cross_similarity,
     cross_similarity,
     l2_normalise,
@@ -189,17 +192,65 @@ class _Constant(torch.nn.Module):
 # --- W_A, W_C -----------------------------------------------------------------------------------
 
 
-def test_channel_softmax_is_softmax_over_axis_one_with_its_gradient() -> None:
-    x = (torch.randn(2, 12, 3, 4, generator=torch.Generator().manual_seed(3)) * 30).requires_grad_()
-    ours = channel_softmax(x)
-    torch.testing.assert_close(ours, torch.softmax(x, dim=1))
-    (grad,) = torch.autograd.grad((ours * torch.arange(12.0).view(1, 12, 1, 1)).sum(), x)
+def test_softmax_expectation_is_softmax_then_mean_centre_with_its_gradient() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 12, 3, 4, generator=g) * 30).requires_grad_()
+    centres = cell_centres(3, 4)
+
+    def reference(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prob = torch.softmax(logits, dim=1)
+        mean = torch.einsum("bnhw,nc->bchw", prob, centres.reshape(12, 2))
+        return mean, prob.amax(dim=1, keepdim=True)
+
+    mapping, peak = softmax_expectation(x, centres)
     y = x.detach().requires_grad_()
-    (expected,) = torch.autograd.grad(
-        (torch.softmax(y, dim=1) * torch.arange(12.0).view(1, 12, 1, 1)).sum(), y
-    )
+    want_mapping, want_peak = reference(y)
+    torch.testing.assert_close(mapping, want_mapping)
+    torch.testing.assert_close(peak, want_peak)
+    (grad,) = torch.autograd.grad(mapping.sum() + peak.sum(), x)
+    (expected,) = torch.autograd.grad(want_mapping.sum() + want_peak.sum(), y)
     torch.testing.assert_close(grad, expected)
-    assert torch.isfinite(channel_softmax(torch.full((1, 3, 1, 1), 1e4))).all()  # no overflow
+    huge = softmax_expectation(torch.full((1, 12, 1, 1), 1e4), centres)
+    assert all(torch.isfinite(t).all() for t in huge)  # no overflow
+
+
+def test_reverse_mapping_is_the_soft_argmax_of_the_transposed_volume() -> None:
+    g = torch.Generator().manual_seed(6)
+    h, w = 3, 4
+    scores = torch.rand(2, h * w, h, w, generator=g)
+    transposed = scores.reshape(2, h * w, h * w).transpose(1, 2).reshape(2, h * w, h, w)
+    expected, _ = soft_argmax_mapping(transposed, 20.0, (h, w))
+    torch.testing.assert_close(reverse_mapping(scores, 20.0, (h, w)), expected)
+
+
+def test_channel_norm_is_torch_norm_with_a_finite_gradient_at_zero() -> None:
+    x = torch.randn(2, 7, 3, 5, generator=torch.Generator().manual_seed(4))
+    x[0, :, 1, 2] = 0.0  # a cell whose vector is all zero
+    x.requires_grad_()
+    ours = channel_norm(x)
+    torch.testing.assert_close(ours, x.norm(dim=1, keepdim=True))
+    (grad,) = torch.autograd.grad(ours.sum(), x)
+    y = x.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(y.norm(dim=1, keepdim=True).sum(), y)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, expected)
+
+
+def test_expected_position_is_the_einsum_with_its_gradient() -> None:
+    g = torch.Generator().manual_seed(5)
+    prob = torch.softmax(torch.randn(3, 12, 2, 5, generator=g), dim=1).requires_grad_()
+    centres = cell_centres(3, 4)
+    ours = expected_position(prob, centres)
+    reference = torch.einsum("bnhw,nc->bchw", prob, centres.reshape(12, 2))
+    torch.testing.assert_close(ours, reference)
+    assert ours.shape == (3, 2, 2, 5)
+    (grad,) = torch.autograd.grad(ours.sum(), prob)
+    (expected,) = torch.autograd.grad(reference.sum(), prob)
+    torch.testing.assert_close(grad, expected)
+    # A delta on target cell (row 2, column 1) puts the source cell at that cell's centre.
+    delta = torch.zeros(1, 12, 1, 1)
+    delta[0, 2 * 4 + 1] = 1.0
+    torch.testing.assert_close(expected_position(delta, centres)[0, :, 0, 0], centres[2, 1])
 
 
 def test_box_filter_averages_each_match_over_both_grids_neighbourhoods() -> None:
