@@ -4,11 +4,12 @@ mask helpers it uses, on synthetic label maps and correspondence fields."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
 from jlad_client.masks import label_agreement, propagate_mask, reliable_fraction
-from jlad_client.sequence import chain_step
+from jlad_client.sequence import ChainStep, chain_step
 from jlad_client.warp import identity_grid
 
 H, W = 20, 30
@@ -28,6 +29,22 @@ def _shift_field(dx: float, dy: float = 0.0) -> np.ndarray:
 
 ONES = np.ones((H, W), np.float32)
 ZEROS = np.zeros((H, W), np.float32)
+UNSURE = np.full((H, W), 0.4, np.float32)  # below the default min_confidence 0.5
+
+
+def _drifting_step(mask: np.ndarray, annotation: np.ndarray, **options: Any) -> ChainStep:
+    """A chain step whose chained match moves everything 1 px right, confidently, while the
+    object stays put: the direct match (identity) is right but unsure."""
+    return chain_step(
+        mask,
+        _shift_field(1),
+        ONES,
+        annotation,
+        identity_grid(H, W),
+        UNSURE,
+        fallback_reliability=0.0,
+        **options,
+    )
 
 
 def test_label_agreement_known_answers() -> None:
@@ -108,18 +125,9 @@ def test_reliability_drops_as_the_chain_drifts() -> None:
     the object stays put; the direct matches are unsure (confidence 0.4, below 0.5) but right.
     Per-step confidence stays 1 throughout; the reported reliability must fall."""
     annotation = _square(6, 6)
-    anchor_confidence = np.full((H, W), 0.4, np.float32)
     mask, reliabilities = annotation, list[float]()
     for _ in range(4):
-        step = chain_step(
-            mask,
-            _shift_field(1),
-            ONES,
-            annotation,
-            identity_grid(H, W),
-            anchor_confidence,
-            fallback_reliability=0.0,
-        )
+        step = _drifting_step(mask, annotation)
         mask, reliabilities = step.mask, [*reliabilities, step.reliability]
     # The direct warp keeps the 6x6 interior (columns 7..12); after k steps the chain's 8x8
     # square covers columns 6+k..13+k: overlap 6 x (7 - k), union 64 + 36 - overlap.
@@ -147,19 +155,9 @@ def test_refinement_of_a_fused_step_hears_the_direct_warp() -> None:
     annotation = _square(4, 4)
     first = chain_step(annotation, None, None, annotation, _shift_field(1), ONES, refine=recorder)
     assert len(calls) == 1 and calls[0][1] == []
-    # Unsure direct matches (0.4): the fused mask is the chained one; the direct warp votes.
-    anchor_confidence = np.full((H, W), 0.4, np.float32)
-    fused = chain_step(
-        first.mask,
-        _shift_field(1),
-        ONES,
-        annotation,
-        identity_grid(H, W),
-        anchor_confidence,
-        fallback_reliability=0.0,
-        refine=recorder,
-    )
-    direct = propagate_mask(annotation, identity_grid(H, W), anchor_confidence)
+    # Unsure direct matches: the fused mask is the chained one; the direct warp votes.
+    fused = _drifting_step(first.mask, annotation, refine=recorder)
+    direct = propagate_mask(annotation, identity_grid(H, W), UNSURE)
     assert len(calls) == 2 and len(calls[1][1]) == 1
     np.testing.assert_array_equal(calls[1][1][0], direct)
     np.testing.assert_array_equal(fused.mask, calls[1][0])
