@@ -44,13 +44,15 @@ from torch import Tensor, nn
 
 from model_export.geometry import cell_centres, warp_by_mapping
 from model_export.similarity import (
+    channel_norm,
+    consensus_volume,
     cosine_cross_similarity,
-    neighbourhood_consensus,
-    normalise_volume,
 )
 
 
-def softmax_expectation(logits: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
+def softmax_expectation(
+    logits: Tensor, centres: Tensor, top: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Mean target-cell centre under softmax over axis 1 of `logits` (B, ht*wt, h, w), with
     centres (ht, wt, 2): mapping (B, 2, h, w) and the softmax's peak probability (B, 1, h, w).
 
@@ -59,9 +61,10 @@ def softmax_expectation(logits: Tensor, centres: Tensor) -> tuple[Tensor, Tensor
     peak is 1 / sum (the maximum's term is exp(0)). ONNX Runtime's CPU Softmax on a
     non-last axis transposes around a generic kernel (13 ms per 4 x 1024 x 32 x 32 volume,
     profiled), and every volume-sized pass saved (the division, a second max for the peak)
-    is ~2-4 ms of a ~100 ms align graph.
+    is ~2-4 ms of a ~100 ms align graph. `top` (B, 1, h, w), when the caller knows it, is
+    the logits' maximum over axis 1 (the same floats), saving the max.
     """
-    e = torch.exp(logits - logits.amax(dim=1, keepdim=True))
+    e = torch.exp(logits - (logits.amax(dim=1, keepdim=True) if top is None else top))
     total = e.sum(dim=1, keepdim=True)
     return expected_position(e, centres) / total, 1.0 / total
 
@@ -102,11 +105,15 @@ def reverse_mapping(scores: Tensor, beta: Tensor | float, grid_size: tuple[int, 
     contiguous memory, then one (N, h*w) x (h*w, 2) product) rather than over axis 1 of the
     transposed volume: the 1024 x 1024 transpose and the strided max cost ~7 ms per 4 pairs.
     """
+    return reverse_expectation(scores * beta, grid_size)
+
+
+def reverse_expectation(logits: Tensor, grid_size: tuple[int, int]) -> Tensor:
+    """`reverse_mapping` of logits = beta * scores, (B, ht*wt, h, w) -> (B, 2, ht, wt)."""
     h, w = grid_size
-    b, n = scores.shape[:2]
-    logits = scores * beta
+    b, n = logits.shape[:2]
     e = torch.exp(logits - logits.amax(dim=(2, 3), keepdim=True)).reshape(b, n, h * w)
-    centres = cell_centres(h, w, like=scores).reshape(h * w, 2)
+    centres = cell_centres(h, w, like=logits).reshape(h * w, 2)
     expected = torch.matmul(e, centres) / e.sum(dim=2, keepdim=True)  # (B, ht*wt, 2)
     return expected.transpose(1, 2).reshape(b, 2, h, w)
 
@@ -162,18 +169,25 @@ def prior_soft_argmax_mapping(
     The Gaussian is separable, so its log is added as a row term (B, ht, 1, h, w) and a
     column term (B, 1, wt, h, w) instead of one more volume-sized tensor.
     """
+    return prior_expectation(similarity * beta, expected, sigma_cells, grid_size)
+
+
+def prior_expectation(
+    logits: Tensor, expected: Tensor, sigma_cells: float, grid_size: tuple[int, int]
+) -> Tensor:
+    """`prior_soft_argmax_mapping` of logits = beta * similarity."""
     ht, wt = grid_size
-    b, _, h, w = similarity.shape
-    centres = cell_centres(ht, wt, like=similarity)
+    b, _, h, w = logits.shape
+    centres = cell_centres(ht, wt, like=logits)
     xs = centres[0, :, 0].view(1, wt, 1, 1)
     ys = centres[:, 0, 1].view(1, ht, 1, 1)
     scale_x = (wt / 2) ** 2 / (2 * sigma_cells**2)
     scale_y = (ht / 2) ** 2 / (2 * sigma_cells**2)
     log_px = -scale_x * (xs - expected[:, 0:1]).pow(2)  # (B, wt, h, w)
     log_py = -scale_y * (ys - expected[:, 1:2]).pow(2)  # (B, ht, h, w)
-    logits = (similarity * beta).reshape(b, ht, wt, h, w) + log_py.unsqueeze(2)
-    logits = logits + log_px.unsqueeze(1)
-    mapping, _ = softmax_expectation(logits.reshape(b, ht * wt, h, w), centres)
+    posterior = logits.reshape(b, ht, wt, h, w) + log_py.unsqueeze(2)
+    posterior = posterior + log_px.unsqueeze(1)
+    mapping, _ = softmax_expectation(posterior.reshape(b, ht * wt, h, w), centres)
     return mapping
 
 
@@ -246,22 +260,34 @@ class SemanticAligner(nn.Module):
         self.uncertainty = nn.Sequential(_conv(width + 1, 64), nn.Conv2d(64, 1, 3, padding=1))
 
     def forward(self, source: Tensor, target: Tensor) -> dict[str, Tensor]:
-        scores = cosine_cross_similarity(source, target)
-        if self.consensus:
-            scores = neighbourhood_consensus(scores, self.grid_size, rounds=self.consensus_rounds)
+        raw = cosine_cross_similarity(source, target)
         beta = self.log_beta.exp()
-        base, peak = soft_argmax_mapping(scores, beta, self.grid_size)
+        ht, wt = self.grid_size
+        # The scores (eq. 1, after the consensus) are never formed as a volume: beta * scores
+        # and eq. 1's normalised volume are the consensus volume times per-cell factors, so
+        # each is one pass over the volume (and the latter none: see _encode_first).
+        eps = 1e-6  # neighbourhood_consensus's and normalise_volume's
+        top = None
+        if self.consensus:
+            volume, best = consensus_volume(raw, self.grid_size, rounds=self.consensus_rounds)
+            scale = beta / (best + eps)  # scores = volume / (best + eps)
+            logits = volume * scale
+            top = best * scale
+            # normalise_volume(scores) = volume / (|volume| + eps (best + eps))
+            unit = 1.0 / (channel_norm(volume) + eps * (best + eps))
+        else:
+            logits = raw * beta
+            volume = F.relu(raw)
+            unit = 1.0 / (channel_norm(volume) + eps)
+        base, peak = softmax_expectation(logits, cell_centres(ht, wt, like=raw), top)
         with torch.no_grad():  # served measures and prior weights, never trained through
-            reverse = reverse_mapping(scores, beta, self.grid_size)
+            reverse = reverse_expectation(logits, self.grid_size)
         if self.motion_prior_kernel:
             with torch.no_grad():
                 weight = round_trip_consistency(reverse, base, self.grid_size)
                 expected = neighbourhood_motion(base, weight, self.motion_prior_kernel)
-            base = prior_soft_argmax_mapping(
-                scores, beta, expected, self.motion_prior_sigma, self.grid_size
-            )
-        volume = normalise_volume(scores)
-        e1 = self.enc1(volume)
+            base = prior_expectation(logits, expected, self.motion_prior_sigma, self.grid_size)
+        e1 = self._encode_first(volume, unit)
         e2 = self.enc2(e1)
         e3 = self.enc3(e2)
         d2 = self.dec2(torch.cat([upsample2(e3), e2], dim=1))
@@ -271,3 +297,14 @@ class SemanticAligner(nn.Module):
         with torch.no_grad():
             confidence = round_trip_consistency(reverse, mapping, self.grid_size)
         return {"mapping": mapping, "log_sigma": log_sigma, "confidence": confidence}
+
+    def _encode_first(self, volume: Tensor, unit: Tensor) -> Tensor:
+        """`enc1` on eq. 1's normalised volume, volume * unit (unit (B, 1, h, w) per source
+        cell): the first layer is a 1x1 convolution, linear per cell, so the factor is
+        applied to its `width` outputs instead of to the h*w channels of its input."""
+        first, *rest = self.enc1
+        assert isinstance(first, nn.Conv2d) and first.bias is not None
+        x = F.conv2d(volume, first.weight) * unit + first.bias.view(1, -1, 1, 1)
+        for layer in rest:
+            x = layer(x)
+        return x

@@ -100,13 +100,28 @@ def neighbourhood_consensus(
     scores peaked. One 5 x 5 filter instead (the same reach, no mutual step between) scored
     worse than one 3 x 3 round on PF-WILLOW (docs/BENCH.md and README give the figures).
     """
+    volume, best = consensus_volume(similarity, grid_size, kernel, eps, rounds)
+    return volume / (best + eps)
+
+
+def consensus_volume(
+    similarity: Tensor,
+    grid_size: tuple[int, int],
+    kernel: int = 3,
+    eps: float = 1e-6,
+    rounds: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """`neighbourhood_consensus` before its last division: the filtered volume (B, ht*wt,
+    h, w) and each source cell's maximum over it (B, 1, h, w); the scores are
+    volume / (best + eps). The align head folds that division into what it does next
+    rather than pay a pass over the volume for it."""
     volume = F.relu(similarity)
     for _ in range(rounds):
         volume = _box_filter_4d(volume, grid_size, kernel)
         best_for_source = volume.amax(dim=1, keepdim=True)
         best_for_target = volume.amax(dim=(2, 3), keepdim=True)
         volume = volume * (volume / (best_for_source + eps)) * (volume / (best_for_target + eps))
-    return volume / (volume.amax(dim=1, keepdim=True) + eps)
+    return volume, volume.amax(dim=1, keepdim=True)
 
 
 def self_similarity(features: Tensor, radius: int = 3) -> Tensor:

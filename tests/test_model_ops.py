@@ -17,8 +17,10 @@ from model_export.alignment import (
     neighbourhood_motion,
     prior_soft_argmax_mapping,
     reverse_mapping,
+    round_trip_consistency,
     soft_argmax_mapping,
     softmax_expectation,
+    upsample2,
 )
 from model_export.backbones import build_backbone
 from model_export.checkpoint import load_model, save_checkpoint
@@ -31,6 +33,7 @@ from model_export.similarity import (
     cross_similarity,
     l2_normalise,
     neighbourhood_consensus,
+    normalise_volume,
     self_similarity,
 )
 
@@ -452,6 +455,40 @@ def test_neighbourhood_consensus_outvotes_an_isolated_false_match() -> None:
     for rounds in (1, 2, 3):
         scores = neighbourhood_consensus(raw, (h, w), rounds=rounds)
         assert int(scores[0, :, 4, 4].argmax()) == 4 * w + 5
+
+
+@pytest.mark.parametrize("consensus", [True, False])
+def test_aligner_forward_equals_the_scores_it_never_forms(consensus: bool) -> None:
+    """The forward pass folds the consensus's last division, beta and eq. 1's normalisation
+    into per-cell factors; it must equal the computation with the scores written out."""
+    torch.manual_seed(0)
+    grid = (8, 8)
+    aligner = SemanticAligner(
+        grid, width=16, consensus=consensus, consensus_rounds=2, motion_prior_kernel=3
+    )
+    torch.nn.init.normal_(aligner.residual.weight, std=0.1)  # let the encoder's path show
+    fs, ft = unit_features(2, 8, 8, 8, seed=1), unit_features(2, 8, 8, 8, seed=2)
+    out = aligner(fs, ft)
+
+    raw = cosine_cross_similarity(fs, ft)
+    scores = neighbourhood_consensus(raw, grid, rounds=2) if consensus else raw
+    beta = aligner.log_beta.exp()
+    base, peak = soft_argmax_mapping(scores, beta, grid)
+    reverse = reverse_mapping(scores, beta, grid)
+    expected = neighbourhood_motion(base, round_trip_consistency(reverse, base, grid), 3)
+    base = prior_soft_argmax_mapping(scores, beta, expected, aligner.motion_prior_sigma, grid)
+    e1 = aligner.enc1(normalise_volume(scores))
+    e2 = aligner.enc2(e1)
+    d2 = aligner.dec2(torch.cat([upsample2(aligner.enc3(e2)), e2], dim=1))
+    d1 = aligner.dec1(torch.cat([upsample2(d2), e1], dim=1))
+    mapping = base + aligner.max_residual * torch.tanh(aligner.residual(d1))
+    torch.testing.assert_close(out["mapping"], mapping, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        out["log_sigma"], aligner.uncertainty(torch.cat([d1, peak], dim=1)), atol=1e-5, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        out["confidence"], round_trip_consistency(reverse, mapping, grid), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_aligner_rejects_indivisible_grid() -> None:
