@@ -53,11 +53,10 @@ TARGETS = {
 def export_bare_trunk(variant: str, input_size: tuple[int, int], path: Path) -> None:
     """The whole EfficientNet-Lite trunk `variant` (ImageNet weights, eval mode) as an ONNX
     graph image (B, 3, H, W) -> last block's output, dynamic batch."""
-    import onnx
     import torch
 
     from model_export.backbones import EfficientNetLite
-    from model_export.onnx_passes import fold_pads_into_convs
+    from model_export.onnx_passes import fold_pads_in_file
 
     trunk = EfficientNetLite(variant, taps=None)
     trunk.load_imagenet()
@@ -75,9 +74,7 @@ def export_bare_trunk(variant: str, input_size: tuple[int, int], path: Path) -> 
     )
     # The same graph rewrite as the served graphs get (model_export/export.py), so that the
     # trunk stays the bare baseline of the same exporter.
-    proto = onnx.load(str(path))
-    fold_pads_into_convs(proto)
-    onnx.save(proto, str(path))
+    fold_pads_in_file(path)
 
 
 def _session(path: Path, threads: int) -> Session:

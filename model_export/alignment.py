@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from model_export.geometry import cell_centres, warp_by_mapping
 from model_export.similarity import (
+    EPS,
     channel_norm,
     consensus_volume,
     cosine_cross_similarity,
@@ -266,19 +267,18 @@ class SemanticAligner(nn.Module):
         # The scores (eq. 1, after the consensus) are never formed as a volume: beta * scores
         # and eq. 1's normalised volume are the consensus volume times per-cell factors, so
         # each is one pass over the volume (and the latter none: see _encode_first).
-        eps = 1e-6  # neighbourhood_consensus's and normalise_volume's
         top = None
         if self.consensus:
             volume, best = consensus_volume(raw, self.grid_size, rounds=self.consensus_rounds)
-            scale = beta / (best + eps)  # scores = volume / (best + eps)
+            scale = beta / (best + EPS)  # scores = volume / (best + EPS)
             logits = volume * scale
             top = best * scale
-            # normalise_volume(scores) = volume / (|volume| + eps (best + eps))
-            unit = 1.0 / (channel_norm(volume) + eps * (best + eps))
+            # normalise_volume(scores) = volume / (|volume| + EPS (best + EPS))
+            unit = 1.0 / (channel_norm(volume) + EPS * (best + EPS))
         else:
             logits = raw * beta
             volume = F.relu(raw)
-            unit = 1.0 / (channel_norm(volume) + eps)
+            unit = 1.0 / (channel_norm(volume) + EPS)
         base, peak = softmax_expectation(logits, cell_centres(ht, wt, like=raw), top)
         with torch.no_grad():  # served measures and prior weights, never trained through
             reverse = reverse_expectation(logits, self.grid_size)

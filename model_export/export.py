@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from model_export.checkpoint import load_metrics, load_model
 from model_export.model import JLAD
-from model_export.onnx_passes import fold_pads_into_convs
+from model_export.onnx_passes import fold_pads_in_file
 from model_export.quantize import quantize_model
 
 log = logging.getLogger("jlad.export")
@@ -180,9 +180,7 @@ def export_graph(spec: GraphSpec, path: Path) -> None:
             opset_version=OPSET,
             do_constant_folding=True,
         )
-    proto = onnx.load(str(path))
-    fold_pads_into_convs(proto)
-    onnx.save(proto, str(path))
+    fold_pads_in_file(path)
     onnx.checker.check_model(str(path))
 
 

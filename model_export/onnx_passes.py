@@ -13,6 +13,8 @@ convolution with padding), half the time for the trunk.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -128,3 +130,11 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> int:
         model.graph.node.remove(pad)
     remove_dead_nodes(model)
     return len(folded)
+
+
+def fold_pads_in_file(path: Path) -> int:
+    """`fold_pads_into_convs` on the graph saved at `path`, written back; returns the count."""
+    proto = onnx.load(str(path))
+    folded = fold_pads_into_convs(proto)
+    onnx.save(proto, str(path))
+    return folded

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+EPS = 1e-6
+"""Added to every norm and maximum these normalisations divide by (eq. 1, the consensus)."""
+
 
 def channel_norm(x: Tensor) -> Tensor:
     """L2 norm over dim 1 of (B, C, ...), kept as a size-1 axis: `x.norm(dim=1, keepdim=True)`.
@@ -24,12 +27,12 @@ def channel_norm(x: Tensor) -> Tensor:
     return (x * x).sum(dim=1, keepdim=True).clamp_min(1e-24).sqrt()
 
 
-def l2_normalise(features: Tensor, eps: float = 1e-6) -> Tensor:
+def l2_normalise(features: Tensor, eps: float = EPS) -> Tensor:
     """Normalise each cell's channel vector of (B, C, h, w) to unit length."""
     return features / (channel_norm(features) + eps)
 
 
-def normalise_volume(volume: Tensor, eps: float = 1e-6) -> Tensor:
+def normalise_volume(volume: Tensor, eps: float = EPS) -> Tensor:
     """Eq. 1 normalisation of a similarity volume: clip negatives, unit length per position."""
     volume = F.relu(volume)
     return volume / (channel_norm(volume) + eps)
@@ -83,7 +86,7 @@ def neighbourhood_consensus(
     similarity: Tensor,
     grid_size: tuple[int, int],
     kernel: int = 3,
-    eps: float = 1e-6,
+    eps: float = EPS,
     rounds: int = 1,
 ) -> Tensor:
     """Filter a raw cross-similarity (B, ht*wt, h, w) into matching scores in [0, 1].
@@ -108,7 +111,7 @@ def consensus_volume(
     similarity: Tensor,
     grid_size: tuple[int, int],
     kernel: int = 3,
-    eps: float = 1e-6,
+    eps: float = EPS,
     rounds: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """`neighbourhood_consensus` before its last division: the filtered volume (B, ht*wt,

@@ -79,13 +79,11 @@ def flushing_subnormals() -> bytes | None:
     return bytes(flushed)
 
 
-def isolated(call: Callable[[], T]) -> tuple[T, bytes | None]:
-    """Run `call`; return its result and the floating-point environment it left, and give
-    the calling thread back the environment it had before."""
+def isolated(call: Callable[[], T]) -> T:
+    """Run `call` and give the calling thread back the environment it had before."""
     before = current()
     try:
-        result = call()
-        return result, current()
+        return call()
     finally:
         restore(before)
 

@@ -190,7 +190,7 @@ class Session:
     it changes that thread's floating-point environment (service/fpenv.py says why)."""
 
     def __init__(self, path: Path, options: ort.SessionOptions, providers: Sequence[str]) -> None:
-        self.inner, _ = fpenv.isolated(
+        self.inner = fpenv.isolated(
             lambda: ort.InferenceSession(str(path), sess_options=options, providers=providers)
         )
         self._environment = fpenv.flushing_subnormals()

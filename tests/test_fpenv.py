@@ -58,7 +58,7 @@ def test_isolated_gives_the_caller_its_own_mode_back_and_flushing_flushes(tmp_pa
             providers=["CPUExecutionProvider"],
         )
 
-    session, _ = fpenv.isolated(make_session)
+    session = fpenv.isolated(make_session)
     assert isinstance(session, ort.InferenceSession)
     assert fpenv.current() == before and TINY * 1.0 == TINY
     flushing = fpenv.flushing_subnormals()
