@@ -22,9 +22,11 @@ def channel_norm(x: Tensor) -> Tensor:
     Written as the root of a sum of squares because ONNX Runtime's CPU ReduceL2 over a
     non-last axis took 13.9 ms on a 4 x 1024 x 32 x 32 volume where Mul + ReduceSum + Sqrt
     take 1.0 ms. The floor (1e-24 before the root, far below any eps it is added to) keeps
-    the gradient finite where x is all zero, as `norm`'s is.
+    the gradient finite where x is all zero, as `norm`'s is. `pow` rather than `x * x`: in
+    an int8 graph every input edge of a dequantized tensor gets its own DequantizeLinear, and
+    Pow has one (the backbone's last normalisation: 2.5 ms per batch of 8 in three copies).
     """
-    return (x * x).sum(dim=1, keepdim=True).clamp_min(1e-24).sqrt()
+    return x.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-24).sqrt()
 
 
 def l2_normalise(features: Tensor, eps: float = EPS) -> Tensor:
@@ -127,19 +129,31 @@ def consensus_volume(
     return volume, volume.amax(dim=1, keepdim=True)
 
 
-def self_similarity(features: Tensor, radius: int = 3) -> Tensor:
-    """Eq. 1 self-similarity volume (B, (2r+1)^2, h, w).
+def self_similarity(cells: Tensor, radius: int = 3) -> Tensor:
+    """Eq. 1 self-similarity volume (B, (2r+1)^2, h, w) of channels-last features
+    `cells` (B, h, w, C).
 
     Channel (dy + r) * (2r+1) + (dx + r) holds each cell's similarity to the cell (dy, dx)
-    away; neighbours beyond the border count as zero similarity. Written as shifted products
-    rather than unfold so it exports to ONNX as plain slices.
+    away; neighbours beyond the border count as zero similarity.
+
+    Computed as one batched matrix product per image row: the w + 2r zero-padded cells of
+    rows y + dy (all 2r+1 of them, gathered at once) times row y's w cells, whose diagonal
+    band holds the wanted dot products. That does (w + 2r) / (2r + 1) times the
+    multiply-adds of (2r+1)^2 shifted products, but at matrix-product speed and without
+    their (2r+1)^2 copies of the features; channels-last because that is the layout the
+    products need (no transposes of the padded rows). ONNX Runtime, 8 x 32 x 32 x 64 cells
+    (the objects W_D head's projection): 26.8 ms as shifted products, 5.8 ms as
+    channels-first row products, 3.7-4.0 ms as these.
     """
     size = 2 * radius + 1
-    h, w = features.shape[-2:]
-    padded = F.pad(features, (radius, radius, radius, radius))
-    sims = []
-    for dy in range(size):
-        for dx in range(size):
-            shifted = padded[:, :, dy : dy + h, dx : dx + w]
-            sims.append((features * shifted).sum(dim=1))
-    return normalise_volume(torch.stack(sims, dim=1))
+    b, h, w, _ = cells.shape
+    padded = F.pad(cells, (0, 0, radius, radius, radius, radius))  # (B, h + 2r, w + 2r, C)
+    rows = torch.arange(h, device=cells.device)[:, None] + torch.arange(size, device=cells.device)
+    bands = padded[:, rows]  # (B, h, 2r+1 [dy], w + 2r, C)
+    products = torch.matmul(bands, cells.unsqueeze(2).transpose(-1, -2))  # (B, h, dy, w+2r, w)
+    # the pair (x + dx, x) sits at (x + dx) * w + x of each flattened (w + 2r) x w block
+    dx = torch.arange(size, device=cells.device)[:, None]
+    band = (dx * w + torch.arange(w, device=cells.device) * (w + 1)).reshape(-1)
+    sims = products.reshape(b, h, size, -1).index_select(3, band)
+    sims = sims.reshape(b, h, size, size, w).permute(0, 2, 3, 1, 4)  # (B, dy, dx, h, w)
+    return normalise_volume(sims.reshape(b, size * size, h, w))

@@ -85,24 +85,33 @@ def test_cross_similarity_matches_direct_loop() -> None:
     torch.testing.assert_close(vol, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_self_similarity_matches_direct_loop() -> None:
-    f = unit_features(b=1, c=6, h=5, w=5, seed=3)
-    r = 1
-    vol = self_similarity(f, radius=r)
-    assert vol.shape == (1, 9, 5, 5)
-    raw = torch.zeros(1, 9, 5, 5)
-    for i in range(5):
-        for j in range(5):
+@pytest.mark.parametrize(("h", "w", "r"), [(5, 5, 1), (4, 7, 2)])
+def test_self_similarity_matches_direct_loop(h: int, w: int, r: int) -> None:
+    f = unit_features(b=2, c=6, h=h, w=w, seed=3)
+    size = 2 * r + 1
+    vol = self_similarity(f.permute(0, 2, 3, 1), radius=r)
+    assert vol.shape == (2, size * size, h, w)
+    raw = torch.zeros(2, size * size, h, w)
+    for i in range(h):
+        for j in range(w):
             for dy in range(-r, r + 1):
                 for dx in range(-r, r + 1):
                     y, x = i + dy, j + dx
-                    if 0 <= y < 5 and 0 <= x < 5:
-                        raw[0, (dy + r) * 3 + (dx + r), i, j] = f[0, :, i, j] @ f[0, :, y, x]
+                    if 0 <= y < h and 0 <= x < w:
+                        raw[:, (dy + r) * size + (dx + r), i, j] = (
+                            f[:, :, i, j] * f[:, :, y, x]
+                        ).sum(dim=1)
     raw = F.relu(raw)
     expected = raw / (raw.norm(dim=1, keepdim=True) + 1e-6)
     torch.testing.assert_close(vol, expected, atol=1e-5, rtol=1e-4)
     # a cell is most similar to itself: the centre channel holds the maximum
-    assert bool((vol.argmax(dim=1) == 4).all())
+    assert bool((vol.argmax(dim=1) == size * size // 2).all())
+
+
+def test_self_similarity_gradients() -> None:
+    cells = unit_features(b=1, c=3, h=4, w=5, seed=5).permute(0, 2, 3, 1).double()
+    cells.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: self_similarity(x, radius=1), (cells,))
 
 
 def test_cosine_cross_similarity_self_peaks_on_diagonal() -> None:
@@ -143,6 +152,32 @@ def test_landmark_detector_shapes_and_gradients() -> None:
     out["points"].sum().backward()
     assert f.grad is not None and float(f.grad.abs().sum()) > 0
     assert all(p.grad is not None for p in det.parameters())
+
+
+@pytest.mark.parametrize(
+    ("use_features", "reduce", "selfsim_dim"), [(True, True, 4), (True, False, 0), (False, True, 0)]
+)
+def test_landmark_detector_equals_its_concatenated_form(
+    use_features: bool, reduce: bool, selfsim_dim: int
+) -> None:
+    """W_D's first layer as two convolutions summed = one over the concatenated input."""
+    torch.manual_seed(1)
+    det = LandmarkDetector(
+        feature_channels=8,
+        num_landmarks=5,
+        radius=2,
+        width=16,
+        use_features=use_features,
+        reduce=reduce,
+        selfsim_dim=selfsim_dim,
+    ).eval()
+    f = unit_features(c=8, h=6, w=7)
+    shape = l2_normalise(det.selfsim_project(f)) if det.selfsim_project is not None else f
+    x = self_similarity(shape.permute(0, 2, 3, 1), radius=2)
+    if use_features:
+        x = torch.cat([x, f], dim=1)
+    expected = spatial_softmax(det.head(det.body(x)))
+    torch.testing.assert_close(det(f)["heatmaps"], expected, atol=1e-6, rtol=1e-5)
 
 
 def test_heatmap_sharpness_raises_the_maps_to_a_power_at_inference_only() -> None:
