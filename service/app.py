@@ -63,6 +63,7 @@ def make_dispatcher(state: ServiceState) -> Dispatcher:
         max_wait_s=settings.max_wait_ms / 1000.0,
         max_queue=settings.max_queue,
         metrics=state.metrics,
+        inference_nice=settings.inference_nice,
     )
 
 
@@ -91,6 +92,7 @@ async def load_and_start(state: ServiceState) -> None:
                     allow_cpu_fallback=settings.allow_cpu_fallback,
                     intra_op_threads=settings.intra_op_threads,
                     max_chunk=settings.max_batch_size,
+                    nice=settings.inference_nice,
                 )
                 seconds = engine.warm_up()
                 log.info("warmed up", extra={"warmup_seconds": seconds})

@@ -31,6 +31,7 @@ from service.jobs import (
     ShuttingDown,
 )
 from service.metrics import ServiceMetrics
+from service.priority import lower_current_thread
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,10 @@ class Batcher:
         max_wait_s: float,
         max_queue: int,
         metrics: ServiceMetrics | None = None,
+        inference_nice: int = 0,
     ) -> None:
         self._runner = runner
+        self.inference_nice = inference_nice
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -87,7 +90,14 @@ class Batcher:
     async def start(self) -> None:
         if self._task is not None:
             return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jlad-infer")
+        # the thread that calls the runner computes too (ONNX Runtime's calling thread
+        # takes a share of each operator): it runs at the pool threads' priority
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="jlad-infer",
+            initializer=lower_current_thread,
+            initargs=(self.inference_nice,),
+        )
         self._accepting = True
         self._task = asyncio.create_task(self._loop(), name="jlad-batcher")
         self._task.add_done_callback(self._log_loop_exit)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -163,6 +164,11 @@ INLINE_DECODE_BYTES = 64 * 1024
 async def decode_in_place(state: ServiceState, fn: Callable[[], Any], nbytes: int) -> Any:
     """`fn()` (a decode of `nbytes` of uploads): inline when small, else on a worker thread."""
     return fn() if nbytes <= INLINE_DECODE_BYTES else await in_thread(state, fn)
+
+
+# Fields of up to this many cells (the model grid's 32 x 32 by default) are computed on the
+# event loop: a grid-sized field is a few array copies, cheaper than the thread hand-offs.
+INLINE_FIELD_CELLS = 64 * 64
 
 
 # Up to this many bytes of arrays, writing an (uncompressed) npz answer on the event loop
@@ -441,8 +447,10 @@ async def correspond(
     if output == PNG:
         png = await in_thread(state, partial(correspond_png, plan, opts, source, target, result))
         return Response(png, media_type=PNG)
-    out: CorrespondOutputs = await in_thread(
-        state, partial(correspond_outputs, plan, opts, source, target, result)
+    fields_of = partial(correspond_outputs, plan, opts, source, target, result)
+    cells = math.prod(info.grid_size if plan.sampling == "grid" else source.size)
+    out: CorrespondOutputs = (
+        fields_of() if cells <= INLINE_FIELD_CELLS else await in_thread(state, fields_of)
     )
     if output == NPZ:
         np_dtype = np.float16 if opts.dtype == "float16" else np.float32

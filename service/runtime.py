@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 
 from service import fpenv
 from service.jobs import AlignOutput, InferenceJob, InferenceResult, LandmarkOutput
+from service.priority import call_at_lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,11 @@ class InferenceEngine:
         allow_cpu_fallback: bool,
         intra_op_threads: int = 0,
         max_chunk: int = 8,
+        nice: int = 0,
     ) -> InferenceEngine:
+        """Sessions for every model in `infos`. `nice` > 0: they are created in a thread
+        that many nice levels down, so ONNX Runtime's pool threads run at that priority
+        (service/priority.py)."""
         provider_list = resolve_providers(providers, ort.get_available_providers())
         if precision == "int8" and provider_list[:1] != [CPU]:
             if providers.strip().lower() != "auto":
@@ -312,25 +317,29 @@ class InferenceEngine:
                     "GPUs or set JLAD_PROVIDERS=cpu"
                 )
             provider_list = [CPU]
-        sessions = {}
-        for name, info in infos.items():
-            started = time.monotonic()
-            sessions[name] = ModelSessions(
-                info,
-                precision,
-                provider_list,
-                allow_cpu_fallback=allow_cpu_fallback,
-                intra_op_threads=intra_op_threads,
-            )
-            log.info(
-                "loaded model %s/%s (%s, %s) in %.2fs",
-                name,
-                info.version,
-                precision,
-                sessions[name].provider,
-                time.monotonic() - started,
-            )
-        return cls(sessions, max_chunk=max_chunk)
+
+        def create() -> dict[str, ModelSessions]:
+            sessions = {}
+            for name, info in infos.items():
+                started = time.monotonic()
+                sessions[name] = ModelSessions(
+                    info,
+                    precision,
+                    provider_list,
+                    allow_cpu_fallback=allow_cpu_fallback,
+                    intra_op_threads=intra_op_threads,
+                )
+                log.info(
+                    "loaded model %s/%s (%s, %s) in %.2fs",
+                    name,
+                    info.version,
+                    precision,
+                    sessions[name].provider,
+                    time.monotonic() - started,
+                )
+            return sessions
+
+        return cls(call_at_lower_priority(create, nice), max_chunk=max_chunk)
 
     def warm_up(self) -> dict[str, float]:
         """Run every graph of every model once (first runs allocate); seconds per model."""

@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         default=0, ge=0, description="ONNX Runtime intra-op threads per session (0 = its default)."
     )
+    inference_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="How many nice levels below request handling the model-running threads "
+        "run (Linux; 0 = the same priority): the event loop gets a core as soon as it wakes.",
+    )
 
     # Dispatch
     queue: Literal["local", "redis"] = Field(

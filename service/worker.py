@@ -42,6 +42,7 @@ import redis
 from service.jobs import InferenceJob, InferenceResult
 from service.logs import configure_logging
 from service.metrics import ServiceMetrics
+from service.priority import lower_current_thread
 from service.problems import NOT_FOUND, NOT_READY, PROBLEM_MEDIA_TYPE, problem_body
 from service.redis_codec import PayloadError, decode_job, encode_result
 from service.redis_support import (
@@ -162,7 +163,12 @@ class Worker:
         self.healthy = False
         self.last_error: str | None = "not connected to Redis yet"
         self.batches_run = 0
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="jlad-worker-infer")
+        self._executor = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="jlad-worker-infer",
+            initializer=lower_current_thread,
+            initargs=(settings.inference_nice,),
+        )
         self._carry: list[Delivery] = []  # read but not yet run (did not fit the batch)
         self._claim_cursor = b"0-0"
         self._claimed_at = 0.0
@@ -669,6 +675,7 @@ def load_engine(settings: Settings, metrics: ServiceMetrics) -> InferenceEngine:
         allow_cpu_fallback=settings.allow_cpu_fallback,
         intra_op_threads=settings.intra_op_threads,
         max_chunk=settings.max_batch_size,
+        nice=settings.inference_nice,
     )
     log.info("warmed up", extra={"warmup_seconds": engine.warm_up()})
     for m in engine.describe():

@@ -15,7 +15,14 @@ from skimage import data as skdata
 
 from model_export.export import PARITY, export_model, sha256
 from model_export.model import JLAD, ModelConfig
-from model_export.quantize import cpu_has_vnni, declared_inputs, default_reduce_range
+from model_export.quantize import (
+    FOLLOWER_OPS,
+    QUANTIZED_OPS,
+    cpu_has_vnni,
+    declared_inputs,
+    default_reduce_range,
+    keep_float_readers_float,
+)
 
 torch.set_num_threads(2)
 
@@ -216,6 +223,50 @@ def test_int8_graphs_are_quantized_where_it_pays(exported: tuple[JLAD, Path]) ->
             i.name for i in int8.graph.initializer if i.data_type == onnx.TensorProto.INT8
         }
         assert {made_by[conv.input[1]].input[0] for conv in convs} <= int8_weights
+        # a float tensor quantized for an int8 reader stays float for its float readers
+        int8_ops = {*QUANTIZED_OPS, *FOLLOWER_OPS}
+        for node in int8.graph.node:
+            if node.op_type in int8_ops or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            for name in node.input:
+                dq = made_by.get(name)
+                q = made_by.get(dq.input[0]) if dq and dq.op_type == "DequantizeLinear" else None
+                if q is None or q.op_type != "QuantizeLinear":
+                    continue
+                source = made_by.get(q.input[0])
+                assert source is not None and source.op_type in int8_ops, (graph, node.name)
+
+
+def test_keep_float_readers_float_rewires_only_float_made_tensors() -> None:
+    """m = x * 2 is quantized for a convolution: the Sigmoid reading it gets m back; the
+    Tanh reading the convolution's (dequantized) output keeps reading it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
+    zero = helper.make_tensor("z", TensorProto.UINT8, [], [128])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 1, 1], [1.0])
+    nodes = [
+        helper.make_node("Mul", ["x", "two"], ["m"], name="mul"),
+        helper.make_node("QuantizeLinear", ["m", "s", "z"], ["mq"], name="q1"),
+        helper.make_node("DequantizeLinear", ["mq", "s", "z"], ["md"], name="dq1"),
+        helper.make_node("Conv", ["md", "w"], ["c"], name="conv"),
+        helper.make_node("Sigmoid", ["md"], ["y1"], name="sigmoid"),
+        helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"], name="q2"),
+        helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["cd"], name="dq2"),
+        helper.make_node("Tanh", ["cd"], ["y2"], name="tanh"),
+    ]
+    info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, 2, 2]) for n in "x"]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, 2, 2]) for n in ("y1", "y2")]
+    graph = helper.make_graph(nodes, "g", info, outs, [scale, zero, two, weight])
+    model = helper.make_model(graph)
+    assert keep_float_readers_float(model, {"conv"}) == 1
+    by_name = {n.name: n for n in model.graph.node}
+    assert list(by_name["sigmoid"].input) == ["m"]
+    assert list(by_name["conv"].input) == ["md", "w"]
+    assert list(by_name["tanh"].input) == ["cd"]
+    onnx.checker.check_model(model)
 
 
 def test_manifest_describes_the_files(exported: tuple[JLAD, Path]) -> None:
