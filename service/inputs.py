@@ -249,9 +249,12 @@ class Decoded:
         return int(self.rgb.shape[1]), int(self.rgb.shape[0])
 
 
-def decode_for_model(data: bytes, limits: ImageLimits, info: ModelInfo, what: str) -> Decoded:
+def decode_for_model(
+    data: bytes, limits: ImageLimits, info: ModelInfo, what: str, out: F32 | None = None
+) -> Decoded:
+    """The upload decoded, and its model input (written into `out` when given)."""
     rgb = decode_image(data, limits, what)
-    return Decoded(rgb, to_model_input(rgb, *info.input_size))
+    return Decoded(rgb, to_model_input(rgb, *info.input_size, out=out))
 
 
 def check_points(points: NDArray[np.floating], size: tuple[int, int]) -> None:

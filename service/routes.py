@@ -6,6 +6,7 @@ Request parsing lives in `service.inputs`, turning model outputs into answers in
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import math
@@ -164,6 +165,22 @@ INLINE_DECODE_BYTES = 64 * 1024
 async def decode_in_place(state: ServiceState, fn: Callable[[], Any], nbytes: int) -> Any:
     """`fn()` (a decode of `nbytes` of uploads): inline when small, else on a worker thread."""
     return fn() if nbytes <= INLINE_DECODE_BYTES else await in_thread(state, fn)
+
+
+async def decode_pair_concurrently(
+    first: Callable[[], Decoded], second: Callable[[], Decoded]
+) -> tuple[Decoded, Decoded]:
+    """Two small decodes at once: `second` on the loop's executor thread while the loop runs
+    `first` (Pillow releases the GIL while it decodes), one thread hand-off instead of the
+    two of `in_thread` and half the wall time of decoding both inline at concurrency 1.
+    `first`'s error wins over `second`'s, as when they ran in that order."""
+    pending = asyncio.get_running_loop().run_in_executor(None, second)
+    try:
+        one = first()
+    except BaseException:
+        await asyncio.gather(pending, return_exceptions=True)
+        raise
+    return one, await pending
 
 
 # Fields of up to this many cells (the model grid's 32 x 32 by default) are computed on the
@@ -420,23 +437,26 @@ async def correspond(
             "(JLAD_MAX_QUERY_POINTS) per request",
         )
     limits = limits_of(state)
+    images = np.empty((2, 3, *info.input_size), np.float32)
 
-    def decode_both() -> tuple[Decoded, Decoded]:
-        return (
-            decode_for_model(body.files["source"], limits, info, "source"),
-            decode_for_model(body.files["target"], limits, info, "target"),
-        )
+    def decode(slot: int, name: str) -> Decoded:
+        return decode_for_model(body.files[name], limits, info, name, out=images[slot])
 
     decode_start = time.perf_counter()
     uploads = len(body.files["source"]) + len(body.files["target"])
-    source, target = await decode_in_place(state, decode_both, uploads)
+    if uploads <= INLINE_DECODE_BYTES:
+        source, target = await decode_pair_concurrently(
+            partial(decode, 0, "source"), partial(decode, 1, "target")
+        )
+    else:
+        source, target = await in_thread(state, lambda: (decode(0, "source"), decode(1, "target")))
     decode_ms = (time.perf_counter() - decode_start) * 1000
     if opts.points:
         check_points(np.asarray(opts.points, np.float64).reshape(-1, 2), source.size)
     plan = CorrespondPlan.of(opts, output)
     job = InferenceJob(
         info.name,
-        np.stack([source.model_input, target.model_input]),
+        images,
         landmarks=[0, 1] if plan.landmarks else [],
         pairs=plan.pairs(),
         deadline=deadline,

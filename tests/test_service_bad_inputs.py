@@ -409,3 +409,21 @@ def test_palette_and_16_bit_and_rgba_uploads_are_served(client: httpx.Client) ->
         r = client.post("/landmarks", files=image_files(content))
         assert r.status_code == 200, r.text
         assert r.json()["image_size"] == {"width": 113, "height": 75}
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "named"),
+    [
+        (SMALL_PNG, b"", "target"),
+        (b"", SMALL_PNG, "source"),
+        (b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "source"),  # both bad: the source is reported
+    ],
+)
+def test_correspond_names_the_upload_that_failed(
+    client: httpx.Client, source: bytes, target: bytes, named: str
+) -> None:
+    """The two uploads decode concurrently; the problem still names the right one."""
+    response = client.post("/correspond", files=pair(source, target))
+    body = assert_problem(response, 422, "corrupt-image")
+    assert body["detail"].startswith(named), body["detail"]
+    good_request(client)
