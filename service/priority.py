@@ -40,8 +40,8 @@ def thread_nice(native_id: int | None = None) -> int | None:
 
 
 def lower_current_thread(increment: int) -> int | None:
-    """Raise the calling thread's nice value by `increment` (capped at 19); returns the new
-    value, or None where that is not possible here."""
+    """Raise the calling thread's nice value by `increment` (capped at 19); returns its nice
+    value afterwards (unchanged where the platform refuses; None where unknown)."""
     current = thread_nice()
     if increment <= 0 or current is None:
         return current
