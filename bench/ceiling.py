@@ -156,8 +156,9 @@ def level(
     return figures
 
 
-def null_settings(model_dir: Path, **extra: str) -> dict[str, str]:
+def null_settings(model_dir: Path, nice: int, **extra: str) -> dict[str, str]:
     settings = {
+        "JLAD_INFERENCE_NICE": str(nice),
         "JLAD_MODEL_DIR": str(model_dir),
         "JLAD_MODELS": NAME,
         "JLAD_DEFAULT_MODEL": NAME,
@@ -173,7 +174,9 @@ def null_settings(model_dir: Path, **extra: str) -> dict[str, str]:
 def run_local(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with Stack(out / "logs" / "local") as stack:
-        api, url = stack.api("api-local", null_settings(model_dir, JLAD_QUEUE="local"))
+        api, url = stack.api(
+            "api-local", null_settings(model_dir, args.inference_nice, JLAD_QUEUE="local")
+        )
         for endpoint, response in (c.split("-") for c in args.cases):
             payload = build_payload(endpoint, response)
             key = f"{endpoint}-{response}"
@@ -212,13 +215,15 @@ def run_redis(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str,
         queue = {"JLAD_QUEUE": "redis", "JLAD_REDIS_URL": redis_url}
         # batches are counted on the first worker's /metrics only (the overhead column)
         worker_urls = [
-            stack.worker(f"worker-{i}", null_settings(model_dir, **queue))[1]
+            stack.worker(f"worker-{i}", null_settings(model_dir, args.inference_nice, **queue))[1]
             for i in range(args.workers)
         ]
         worker_url = worker_urls[0]
         for index, processes in enumerate(args.api_processes):
             with Stack(out / "logs" / "redis" / f"api-{index}-{processes}") as apis:
-                settings = null_settings(model_dir, **queue, JLAD_API_PROCESSES=str(processes))
+                settings = null_settings(
+                    model_dir, args.inference_nice, **queue, JLAD_API_PROCESSES=str(processes)
+                )
                 _, url = apis.api(f"api-{processes}p", settings)
                 best = max(
                     (
@@ -294,6 +299,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         type=int,
         default=2,
         help="queue workers (one null-model worker tops out near the API's rate)",
+    )
+    parser.add_argument(
+        "--inference-nice", type=int, default=10, help="JLAD_INFERENCE_NICE of the services"
     )
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=2.0)
