@@ -276,10 +276,22 @@ class ModelSessions:
                 k: v[start : start + chunk].astype(dtype, copy=False) for k, v in inputs.items()
             }
             parts.append(session.run(names, feed))
+        # one chunk (the usual case): its arrays as they are, not a concatenated copy
         return {
-            name: np.concatenate([p[i] for p in parts]).astype(np.float32, copy=False)
+            name: (
+                parts[0][i] if len(parts) == 1 else np.concatenate([p[i] for p in parts])
+            ).astype(np.float32, copy=False)
             for i, name in enumerate(names)
         }
+
+
+def take_rows(array: NDArray[Any], rows: list[int]) -> NDArray[Any]:
+    """`array[rows]`, as a view when the rows are consecutive (as a single request's are):
+    one image's features are 1.5 MB, a copy of them 0.1 ms."""
+    first = rows[0]
+    if rows == list(range(first, first + len(rows))):
+        return array[first : first + len(rows)]
+    return array[rows]
 
 
 class InferenceEngine:
@@ -382,9 +394,9 @@ class InferenceEngine:
         lm_rows = [int(offsets[k]) + i for k, j in enumerate(jobs) for i in j.landmarks]
         landmark_outputs: dict[str, F32] = {}
         if lm_rows:
-            feed = {"features": features[lm_rows]}
+            feed = {"features": take_rows(features, lm_rows)}
             if sessions.takes("landmarks", "image"):  # a zooming landmark graph (CONTRACT.md)
-                feed["image"] = images[lm_rows]
+                feed["image"] = take_rows(images, lm_rows)
             landmark_outputs = sessions.run("landmarks", feed, self.max_chunk)
         src_rows = [int(offsets[k]) + s for k, j in enumerate(jobs) for s, _ in j.pairs]
         tgt_rows = [int(offsets[k]) + t for k, j in enumerate(jobs) for _, t in j.pairs]
@@ -392,7 +404,10 @@ class InferenceEngine:
         if src_rows:
             align_outputs = sessions.run(
                 "align",
-                {"source_features": features[src_rows], "target_features": features[tgt_rows]},
+                {
+                    "source_features": take_rows(features, src_rows),
+                    "target_features": take_rows(features, tgt_rows),
+                },
                 self.max_chunk,
             )
         finished = time.monotonic()

@@ -184,3 +184,14 @@ def test_correspond_plan_runs_only_the_alignments_it_needs() -> None:
     assert (landmarks.pairs(), landmarks.landmarks) == ([], True)
     png_default = CorrespondPlan.of(CorrespondOptions(), PNG)
     assert (png_default.sampling, png_default.pairs()) == ("source", [(0, 1)])
+
+
+def test_take_rows_is_a_view_for_consecutive_rows_and_a_gather_otherwise() -> None:
+    from service.runtime import take_rows
+
+    array = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    for rows in ([1, 2, 3], [0], [3, 1], [0, 2, 4], [2, 2]):
+        taken = take_rows(array, rows)
+        np.testing.assert_array_equal(taken, array[rows])
+        assert np.shares_memory(taken, array) == (rows in ([1, 2, 3], [0]))
+        assert taken.flags["C_CONTIGUOUS"]
