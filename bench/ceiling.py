@@ -156,9 +156,8 @@ def level(
     return figures
 
 
-def null_settings(model_dir: Path, nice: int, **extra: str) -> dict[str, str]:
+def null_settings(model_dir: Path, nice: int | None, **extra: str) -> dict[str, str]:
     settings = {
-        "JLAD_INFERENCE_NICE": str(nice),
         "JLAD_MODEL_DIR": str(model_dir),
         "JLAD_MODELS": NAME,
         "JLAD_DEFAULT_MODEL": NAME,
@@ -167,6 +166,8 @@ def null_settings(model_dir: Path, nice: int, **extra: str) -> dict[str, str]:
         "JLAD_MAX_QUEUE": "1024",
         "JLAD_LOG_LEVEL": "warning",
     }
+    if nice is not None:
+        settings["JLAD_INFERENCE_NICE"] = str(nice)
     settings.update(extra)
     return settings
 
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="queue workers (one null-model worker tops out near the API's rate)",
     )
     parser.add_argument(
-        "--inference-nice", type=int, default=10, help="JLAD_INFERENCE_NICE of the services"
+        "--inference-nice", type=int, help="JLAD_INFERENCE_NICE of the services (default: theirs)"
     )
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=2.0)

@@ -70,7 +70,7 @@ class Config:
     max_batch_size: int = 8
     max_wait_ms: float = 5.0
     max_queue: int = 16
-    inference_nice: int = 10  # the service's default (JLAD_INFERENCE_NICE)
+    inference_nice: int | None = None  # None: the service's own default (JLAD_INFERENCE_NICE)
     image_size: str = "256x256"
     image_format: str = "jpeg"
     concurrency: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
@@ -132,10 +132,11 @@ class Config:
             "JLAD_MAX_BATCH_SIZE": str(self.max_batch_size),
             "JLAD_MAX_WAIT_MS": f"{self.max_wait_ms:g}",
             "JLAD_MAX_QUEUE": str(self.max_queue),
-            "JLAD_INFERENCE_NICE": str(self.inference_nice),
             "JLAD_LOG_LEVEL": "warning",
             "JLAD_SHUTDOWN_GRACE_S": "5",
         }
+        if self.inference_nice is not None:
+            values["JLAD_INFERENCE_NICE"] = str(self.inference_nice)
         values.update(overrides)
         return values
 
@@ -536,7 +537,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path]:
     add(
         "--inference-nice",
         type=int,
-        help=f"JLAD_INFERENCE_NICE of the services (default {defaults.inference_nice})",
+        help="JLAD_INFERENCE_NICE of the services (default: theirs)",
     )
     add("--concurrency", type=parse_int_list, help="landmarks levels (default 1,2,4,8,16)")
     add("--pair-concurrency", type=parse_int_list, help="correspond levels (default 1,2,4,8)")

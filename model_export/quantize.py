@@ -267,7 +267,7 @@ def keep_float_readers_float(model: onnx.ModelProto, int8: set[str]) -> int:
             if q is None or q.op_type != "QuantizeLinear":
                 continue
             source = made_by.get(q.input[0])
-            if source is not None and (source.name in int8 or source.op_type == "Constant"):
+            if source is not None and source.name in int8:
                 continue
             node.input[k] = q.input[0]
             rewired += 1

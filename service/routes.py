@@ -156,6 +156,13 @@ async def in_thread(state: ServiceState, fn: Callable[[], Any]) -> Any:
     return await anyio.to_thread.run_sync(fn, limiter=state.cpu_limiter)
 
 
+async def inline_or_thread(state: ServiceState, fn: Callable[[], Any], inline: bool) -> Any:
+    """`fn()` on the event loop when `inline` (small work, for which the two thread hand-offs
+    of `in_thread` cost more: on a busy machine each waits for a core, bench/ceiling.py),
+    else on a worker thread. The INLINE_* limits below say what is small."""
+    return fn() if inline else await in_thread(state, fn)
+
+
 # Uploads up to this size (a 256x256 JPEG is ~20 kB) decode in about a millisecond: on the
 # event loop that is cheaper than the two thread hand-offs of `in_thread`, which on a busy
 # machine each wait for a core (bench/ceiling.py). Larger ones decode on a worker thread.
@@ -164,7 +171,7 @@ INLINE_DECODE_BYTES = 64 * 1024
 
 async def decode_in_place(state: ServiceState, fn: Callable[[], Any], nbytes: int) -> Any:
     """`fn()` (a decode of `nbytes` of uploads): inline when small, else on a worker thread."""
-    return fn() if nbytes <= INLINE_DECODE_BYTES else await in_thread(state, fn)
+    return await inline_or_thread(state, fn, nbytes <= INLINE_DECODE_BYTES)
 
 
 async def decode_pair_concurrently(
@@ -195,9 +202,10 @@ INLINE_NPZ_BYTES = 1 << 20
 
 async def npz_answer(state: ServiceState, arrays: dict[str, Any]) -> bytes:
     """The npz bytes of `arrays`: written inline when small, else on a worker thread."""
-    if sum(getattr(a, "nbytes", 0) for a in arrays.values()) <= INLINE_NPZ_BYTES:
-        return npz_bytes(arrays)
-    data: bytes = await in_thread(state, partial(npz_bytes, arrays))
+    nbytes = sum(getattr(a, "nbytes", 0) for a in arrays.values())
+    data: bytes = await inline_or_thread(
+        state, partial(npz_bytes, arrays), nbytes <= INLINE_NPZ_BYTES
+    )
     return data
 
 
@@ -469,9 +477,7 @@ async def correspond(
         return Response(png, media_type=PNG)
     fields_of = partial(correspond_outputs, plan, opts, source, target, result)
     cells = math.prod(info.grid_size if plan.sampling == "grid" else source.size)
-    out: CorrespondOutputs = (
-        fields_of() if cells <= INLINE_FIELD_CELLS else await in_thread(state, fields_of)
-    )
+    out: CorrespondOutputs = await inline_or_thread(state, fields_of, cells <= INLINE_FIELD_CELLS)
     if output == NPZ:
         np_dtype = np.float16 if opts.dtype == "float16" else np.float32
         arrays: dict[str, NDArray[Any]] = {
