@@ -48,6 +48,7 @@ from model_export.similarity import (
     channel_norm,
     consensus_volume,
     cosine_cross_similarity,
+    max_over_channels,
 )
 
 
@@ -65,7 +66,7 @@ def softmax_expectation(
     is ~2-4 ms of a ~100 ms align graph. `top` (B, 1, h, w), when the caller knows it, is
     the logits' maximum over axis 1 (the same floats), saving the max.
     """
-    e = torch.exp(logits - (logits.amax(dim=1, keepdim=True) if top is None else top))
+    e = torch.exp(logits - (max_over_channels(logits) if top is None else top))
     total = e.sum(dim=1, keepdim=True)
     return expected_position(e, centres) / total, 1.0 / total
 

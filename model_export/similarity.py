@@ -29,6 +29,27 @@ def channel_norm(x: Tensor) -> Tensor:
     return x.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-24).sqrt()
 
 
+MAX_SPLIT = 8
+"""`max_over_channels` reduces groups of this many channel blocks first (see there)."""
+
+
+def max_over_channels(x: Tensor) -> Tensor:
+    """Maximum over dim 1 of (B, C, ...), kept as a size-1 axis: `x.amax(dim=1, keepdim=True)`.
+
+    Taken in two steps, first over MAX_SPLIT blocks of C / MAX_SPLIT channels, then over what
+    is left, when C divides: the same floats (a maximum is exact in any order), but ONNX
+    Runtime's CPU ReduceMax over the middle axis of a (B, 1024, 32, 32) volume took 1.6-2.2 ms
+    where the two steps take 0.33-0.36 ms (batch 1 and 4, 2-core EPYC; a split of 2, 4, 16 or
+    32 blocks: 0.75, 0.58, 0.44, 0.49 ms), and the align graph takes five such maxima.
+    """
+    c = x.shape[1]
+    if c % MAX_SPLIT or c == MAX_SPLIT:
+        return x.amax(dim=1, keepdim=True)
+    # -1 for the batch, as in _box_filter_4d: the exported graph keeps a dynamic batch
+    blocks = x.reshape(-1, MAX_SPLIT, c // MAX_SPLIT, *x.shape[2:])
+    return blocks.amax(dim=1).amax(dim=1, keepdim=True)
+
+
 def l2_normalise(features: Tensor, eps: float = EPS) -> Tensor:
     """Normalise each cell's channel vector of (B, C, h, w) to unit length."""
     return features / (channel_norm(features) + eps)
@@ -123,10 +144,10 @@ def consensus_volume(
     volume = F.relu(similarity)
     for _ in range(rounds):
         volume = _box_filter_4d(volume, grid_size, kernel)
-        best_for_source = volume.amax(dim=1, keepdim=True)
+        best_for_source = max_over_channels(volume)
         best_for_target = volume.amax(dim=(2, 3), keepdim=True)
         volume = volume * (volume / (best_for_source + eps)) * (volume / (best_for_target + eps))
-    return volume, volume.amax(dim=1, keepdim=True)
+    return volume, max_over_channels(volume)
 
 
 def self_similarity(cells: Tensor, radius: int = 3) -> Tensor:

@@ -32,6 +32,7 @@ from bench.loadgen import (
     summarise,
     sweep,
 )
+from bench.profile_graph import main as profile_main
 from bench.raw_onnx import RawGraphs, measure
 from bench.run_all import main as run_all_main
 from bench.services import Stack
@@ -255,6 +256,30 @@ def test_raw_loop_runs_the_endpoint_graphs(model_dir: Path) -> None:
     assert (point.batch, point.images, point.iterations) == (2, 4, 2)
     assert point.items_per_s > 0 and point.images_per_s == pytest.approx(2 * point.items_per_s)
     assert point.latency["p50_ms"] is not None and point.latency["p50_ms"] > 0
+
+
+def test_profile_graph_sums_node_times_per_operator_type(model_dir: Path, tmp_path: Path) -> None:
+    """The int8 align graph of a real export, profiled: its cross-similarity shows up as
+    the integer product, every time is per run, and the file records what was measured."""
+    out = tmp_path / "profile.json"
+    profile_main(
+        ["--model-dir", str(model_dir), "--precision", "int8", "--graph", "align"]
+        + ["--batch", "2", "--runs", "3", "--out", str(out)]
+    )
+    record = json.loads(out.read_text())
+    assert (record["graph"], record["precision"], record["batch"], record["runs"]) == (
+        "align",
+        "int8",
+        2,
+        3,
+    )
+    ops = record["op_types_ms"]
+    assert "MatMulIntegerToFloat" in ops and "AveragePool" in ops
+    assert list(ops.values()) == sorted(ops.values(), reverse=True)
+    # the nodes run inside the runs: their per-run sum cannot exceed a run's time by much
+    assert 0 < sum(ops.values()) <= record["run_ms"] * 1.2
+    assert len(record["top_nodes_ms"]) == 15
+    assert not list(Path.cwd().glob("onnxruntime_profile_*.json"))  # no stray profiles
 
 
 def test_loadgen_against_a_service_process(model_dir: Path, tmp_path: Path) -> None:

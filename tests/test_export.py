@@ -21,7 +21,10 @@ from model_export.quantize import (
     cpu_has_vnni,
     declared_inputs,
     default_reduce_range,
+    int8_similarity_products,
     keep_float_readers_float,
+    operand_chain,
+    similarity_products,
 )
 
 torch.set_num_threads(2)
@@ -223,6 +226,19 @@ def test_int8_graphs_are_quantized_where_it_pays(exported: tuple[JLAD, Path]) ->
             i.name for i in int8.graph.initializer if i.data_type == onnx.TensorProto.INT8
         }
         assert {made_by[conv.input[1]].input[0] for conv in convs} <= int8_weights
+        # the align graph's cross-similarity is the one integer product, of the quantized
+        # input features (moved as integers); the landmark graph's self-similarity stays float
+        products = [n for n in int8.graph.node if n.op_type == "MatMulIntegerToFloat"]
+        assert len(products) == (1 if graph == "align" else 0), graph
+        for product in products:
+            for operand in product.input[:2]:
+                node = made_by[operand]
+                while node.op_type in ("Reshape", "Transpose"):
+                    node = made_by[node.input[0]]
+                assert node.op_type == "QuantizeLinear"
+                assert node.input[0] in ("source_features", "target_features")
+        float_products = 0 if graph == "align" else len(similarity_products(fp32))
+        assert len(similarity_products(int8)) == float_products, graph
         # a float tensor quantized for an int8 reader stays float for its float readers
         int8_ops = {*QUANTIZED_OPS, *FOLLOWER_OPS}
         for node in int8.graph.node:
@@ -235,6 +251,67 @@ def test_int8_graphs_are_quantized_where_it_pays(exported: tuple[JLAD, Path]) ->
                     continue
                 source = made_by.get(q.input[0])
                 assert source is not None and source.op_type in int8_ops, (graph, node.name)
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_int8_similarity_products_known_answer_and_chain(reduce_range: bool) -> None:
+    """y = transpose(reshape(a)) @ b with a also read by a Sigmoid: the product becomes
+    MatMulIntegerToFloat of a quantized before its Reshape / Transpose (a stays float for the
+    Sigmoid) and of b, equal to the float product within the quantization error; a
+    product with a constant operand is left alone."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    a = rng.uniform(-0.5, 0.5, (2, 6, 4, 5)).astype(np.float32)  # (B, C, h, w)
+    b = rng.uniform(-0.4, 0.4, (2, 6, 7)).astype(np.float32)
+    fixed = rng.uniform(-1, 1, (7, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Reshape", ["a", "shape"], ["ar"], name="reshape"),
+        helper.make_node("Transpose", ["ar"], ["at"], perm=[0, 2, 1], name="transpose"),
+        helper.make_node("MatMul", ["at", "b"], ["y"], name="product"),
+        helper.make_node("MatMul", ["y", "fixed"], ["z"], name="by_constant"),
+        helper.make_node("Sigmoid", ["a"], ["s"], name="sigmoid"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, a.shape),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, b.shape),
+        ],
+        [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+            for n, shape in (("y", (2, 20, 7)), ("z", (2, 20, 3)), ("s", a.shape))
+        ],
+        [
+            helper.make_tensor("shape", TensorProto.INT64, [3], [2, 6, 20]),
+            onnx.numpy_helper.from_array(fixed, "fixed"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert [n.name for n in similarity_products(model)] == ["product"]
+    assert [n.name for n in operand_chain(model, "at")] == ["reshape", "transpose"]
+    peaks = {"at": float(np.abs(a).max()), "b": float(np.abs(b).max())}
+    assert int8_similarity_products(model, peaks, reduce_range) == 1
+    onnx.checker.check_model(model)
+    by_name = {n.name: n for n in model.graph.node}
+    assert by_name["product"].op_type == "MatMulIntegerToFloat"
+    assert by_name["by_constant"].op_type == "MatMul"
+    assert list(by_name["sigmoid"].input) == ["a"]
+    assert by_name["reshape"].input[0] == "product_a_quantized"
+    scales = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert scales["product_b_scale"] == pytest.approx(peaks["b"] / (63 if reduce_range else 127))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, z, s = session.run(None, {"a": a, "b": b})
+    expected = a.reshape(2, 6, 20).transpose(0, 2, 1) @ b
+    # each operand is off by at most half a step; the products of 6 pairs add up
+    step_a, step_b = peaks["at"] / 127, float(scales["product_b_scale"])
+    bound = 6 * (0.5 * step_a * peaks["b"] + 0.5 * step_b * peaks["at"] + 0.25 * step_a * step_b)
+    assert np.abs(y - expected).max() <= bound
+    assert np.abs(y - expected).max() > 0  # integer arithmetic, not the float product
+    np.testing.assert_allclose(z, y @ fixed, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s, 1 / (1 + np.exp(-a)), rtol=1e-6)
 
 
 def test_keep_float_readers_float_rewires_only_float_made_tensors() -> None:

@@ -32,6 +32,7 @@ from model_export.similarity import (
     cosine_cross_similarity,
     cross_similarity,
     l2_normalise,
+    max_over_channels,
     neighbourhood_consensus,
     normalise_volume,
     self_similarity,
@@ -433,6 +434,23 @@ def test_aligner_without_consensus_is_plain_soft_argmax() -> None:
     fs, ft = unit_features(c=32, h=8, w=8, seed=6), unit_features(c=32, h=8, w=8, seed=7)
     base, _ = soft_argmax_mapping(cosine_cross_similarity(fs, ft), aligner.log_beta.exp())
     torch.testing.assert_close(aligner(fs, ft)["mapping"], base)
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 3, 5), (1, 1024, 4, 4), (3, 12, 2, 2), (2, 8, 3, 3)])
+def test_max_over_channels_is_amax_over_dim_1_with_its_gradient(shape: tuple[int, ...]) -> None:
+    # 64 and 1024 channels take the two-step path, 12 (not a multiple of 8) and 8 the plain
+    # one; the two-step maximum is the same float wherever the maximum sits.
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    expected = x.amax(dim=1, keepdim=True)
+    assert torch.equal(max_over_channels(x), expected)
+    last = x.clone()
+    last[:, -1] = expected[:, 0] + 1.0  # the maximum in the last block of channels
+    assert torch.equal(max_over_channels(last), last[:, -1:])
+    # the gradient flows to the arg-max only (ties do not occur in random floats)
+    leaf = x.double().requires_grad_(True)
+    max_over_channels(leaf).sum().backward()
+    assert leaf.grad is not None
+    torch.testing.assert_close(leaf.grad, (leaf == leaf.amax(dim=1, keepdim=True)).double())
 
 
 def test_neighbourhood_consensus_known_answer_on_a_tiny_volume() -> None:
