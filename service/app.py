@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import problems
 from service.batching import Batcher
 from service.demo import install_demo
+from service.heap import freeze_startup_heap
 from service.jobs import (
     DeadlineExceeded,
     Dispatcher,
@@ -106,6 +107,7 @@ async def load_and_start(state: ServiceState) -> None:
         dispatcher = make_dispatcher(state)
         await dispatcher.start()
         state.dispatcher = dispatcher
+        freeze_startup_heap()  # before /readyz says ready: see service/heap.py
         state.loaded = True
         state.metrics.ready.set(1)
         log.info("ready", extra={"models": state.describe_models()})

@@ -39,6 +39,7 @@ from typing import Any
 
 import redis
 
+from service.heap import freeze_startup_heap
 from service.jobs import InferenceJob, InferenceResult
 from service.logs import configure_logging
 from service.metrics import ServiceMetrics
@@ -717,6 +718,7 @@ def main() -> int:
         probes.stop()
         return 1
     worker = Worker(settings, engine.run_batch, metrics, models=list(engine.models))
+    freeze_startup_heap()
     holder["worker"] = worker
     metrics.ready.set(1)
     try:

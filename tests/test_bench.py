@@ -262,10 +262,8 @@ def test_profile_graph_sums_node_times_per_operator_type(model_dir: Path, tmp_pa
     """The int8 align graph of a real export, profiled: its cross-similarity shows up as
     the integer product, every time is per run, and the file records what was measured."""
     out = tmp_path / "profile.json"
-    profile_main(
-        ["--model-dir", str(model_dir), "--precision", "int8", "--graph", "align"]
-        + ["--batch", "2", "--runs", "3", "--out", str(out)]
-    )
+    args = ["--model-dir", str(model_dir), "--precision", "int8", "--graph", "align"]
+    profile_main([*args, "--batch", "2", "--runs", "3", "--out", str(out)])
     record = json.loads(out.read_text())
     assert (record["graph"], record["precision"], record["batch"], record["runs"]) == (
         "align",

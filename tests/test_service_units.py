@@ -195,3 +195,38 @@ def test_take_rows_is_a_view_for_consecutive_rows_and_a_gather_otherwise() -> No
         np.testing.assert_array_equal(taken, array[rows])
         assert np.shares_memory(taken, array) == (rows in ([1, 2, 3], [0]))
         assert taken.flags["C_CONTIGUOUS"]
+
+
+def test_freeze_startup_heap_spares_old_cycles_and_collects_new_ones() -> None:
+    import gc
+    import weakref
+
+    from service.heap import freeze_startup_heap
+
+    class Node:
+        other: object = None
+
+    def cycle() -> weakref.ref[Node]:
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    gc.unfreeze()
+    try:
+        old = cycle()  # garbage already, but not yet collected
+        gc.disable()  # no automatic collection between the steps below
+        frozen = freeze_startup_heap()
+        assert frozen == gc.get_freeze_count() > 0
+        assert old() is None  # freeze collects first: what was garbage is gone
+        kept = Node()
+        kept.other = kept
+        before = weakref.ref(kept)
+        gc.freeze()  # as if `kept` had existed at startup
+        del kept
+        new = cycle()
+        gc.collect()
+        assert new() is None  # made after the freeze: collected
+        assert before() is not None  # frozen: never collected, even as garbage
+    finally:
+        gc.enable()
+        gc.unfreeze()
