@@ -114,8 +114,9 @@ class Dispatcher(Protocol):
 
     def check_room(self) -> None:
         """Raise `QueueFull` when a job submitted now would surely be refused for lack of
-        room. Cheap and conservative: routes call it before decoding, so that an overloaded
-        service answers 429 without spending CPU on the images first."""
+        room. Cheap and conservative: routes call it before parsing the body, so that an
+        overloaded service answers 429 without spending the event loop's time on multipart
+        parsing or the images first."""
 
     async def submit(self, job: InferenceJob) -> InferenceResult:
         """Run `job` before `job.deadline`, or raise a `DispatchError`."""

@@ -364,10 +364,10 @@ async def landmarks(
     view: Annotated[LandmarksView | None, Query(description="PNG rendering.")] = None,
 ) -> Any:
     started = time.perf_counter()
+    state.require_ready()  # 503 / 429 before any parsing: see check_room
     body = await parse_body(request, state, LandmarksJSON, ["image"])
     opts = merge_options(LandmarksOptions, body, {"model": model, "view": view})
     info = state.require_model(opts.model)
-    state.require_ready()
     output = negotiate(request.headers.get("accept"), output_offers(opts.view is not None))
     decode_start = time.perf_counter()
     image: Decoded = await decode_in_place(
@@ -432,11 +432,11 @@ async def correspond(
     view: Annotated[CorrespondView | None, Query(description="PNG rendering.")] = None,
 ) -> Any:
     started = time.perf_counter()
+    state.require_ready()  # 503 / 429 before any parsing: see check_room
     body = await parse_body(request, state, CorrespondJSON, ["source", "target"])
     query = {"model": model, "resolution": resolution, "dtype": dtype, "view": view}
     opts = merge_options(CorrespondOptions, body, query)
     info = state.require_model(opts.model)
-    state.require_ready()
     output = negotiate(request.headers.get("accept"), output_offers(opts.view is not None))
     if opts.points is not None and len(opts.points) > state.settings.max_query_points:
         raise Problem(
@@ -549,10 +549,10 @@ async def propagate(
     model: Annotated[ModelName | None, Query(description="Model name.")] = None,
 ) -> Any:
     started = time.perf_counter()
+    state.require_ready()  # 503 / 429 before any parsing: see check_room
     body = await parse_body(request, state, PropagateJSON, ["source", "mask"], ["targets"])
     opts = merge_options(PropagateOptions, body, {"model": model})
     info = state.require_model(opts.model)
-    state.require_ready()
     targets_raw = body.file_lists["targets"]
     if len(targets_raw) > state.settings.max_targets:
         raise Problem(

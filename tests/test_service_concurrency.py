@@ -143,9 +143,10 @@ def test_full_queue_answers_429_with_retry_after_and_drops_nothing(tight: Runnin
     assert 'jlad_rejected_jobs_total{reason="queue_full"} 1.0' in text
 
 
-def test_full_queue_refuses_before_decoding_the_upload(tight: RunningServer) -> None:
-    # The 429 must not wait for (or depend on) decoding: an undecodable upload sent while
-    # the queue is full is refused as 429, not examined and answered 422.
+def test_full_queue_refuses_before_parsing_or_decoding_the_upload(tight: RunningServer) -> None:
+    # The 429 must not wait for (or depend on) parsing and decoding: an undecodable upload
+    # and a body of the wrong type sent while the queue is full are refused as 429, not
+    # examined and answered 422 / 415.
     image = {"image": ("c.png", encode(chelsea()))}
     garbage = {"image": ("c.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")}
     with tight.client() as first_client, tight.client() as second_client:
@@ -154,8 +155,13 @@ def test_full_queue_refuses_before_decoding_the_upload(tight: RunningServer) -> 
             first = pool.submit(first_client.post, "/landmarks", files=image)
             wait_for_depth(tight, 1)
             assert_problem(second_client.post("/landmarks", files=garbage), 429, "queue-full")
+            not_a_form = {"content": b"not a form", "headers": {"Content-Type": "text/plain"}}
+            assert_problem(second_client.post("/landmarks", **not_a_form), 429, "queue-full")
             assert first.result(timeout=30).status_code == 200
         assert_problem(second_client.post("/landmarks", files=garbage), 422, "corrupt-image")
+        assert_problem(
+            second_client.post("/landmarks", **not_a_form), 415, "unsupported-media-type"
+        )
 
 
 def test_deadline_passing_in_the_queue_answers_504(tight: RunningServer) -> None:
