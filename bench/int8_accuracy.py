@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +93,72 @@ def graphs_of(model_dir: Path, name: str, precision: str) -> dict[str, Path]:
     return {g: info.graph_path(precision, g)[0] for g in GRAPHS}
 
 
+def per_precision(
+    args: argparse.Namespace,
+    precisions: list[str],
+    model_name: str,
+    evaluate: Callable[..., dict[str, Any]],
+    data_name: str,
+    figures_of: Callable[[dict[str, Any]], dict[str, Any]],
+    **options: Any,
+) -> dict[str, dict[str, Any]]:
+    """`evaluate` (a `model_export.evaluate` benchmark) on `args.data / data_name` through
+    the exported graphs of `model_name` in each precision; `figures_of` picks what is kept
+    of each report."""
+    model, config = load_model(args.checkpoints / model_name)
+    size = (int(config["input_size"][0]), int(config["input_size"][1]))
+    out: dict[str, dict[str, Any]] = {}
+    for precision in precisions:
+        report = evaluate(
+            OnnxModel(model, graphs_of(args.model_dir, model_name, precision)),
+            args.data / data_name,
+            args.out / "figures" / precision,
+            input_size=size,
+            device=torch.device("cpu"),
+            figures=0,
+            **options,
+        )
+        out[precision] = figures_of(report)
+        log.info("%s %s: %s", data_name, precision, out[precision])
+    return out
+
+
+def _pfwillow_figures(report: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "pck@0.1": report["methods"]["model"]["pck@0.1"],
+        "per_class": {c: v["model"]["pck@0.1"] for c, v in report["per_class"].items()},
+        "pairs": report["num_pairs"],
+    }
+
+
+def _tss_figures(report: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **report["methods"]["model"],
+        "confidence_roc_auc": report["confidence"]["roc_auc"],
+        "pairs": report["num_pairs"],
+    }
+
+
+def _faces_figures(report: dict[str, Any]) -> dict[str, Any]:
+    model_figures = report["methods"]["model"]
+    return {
+        "landmark_error_percent": model_figures["landmark_error_percent"],
+        # the tight-crop set, where model_export.evaluate reports one
+        "tight_landmark_error_percent": model_figures.get("tight_landmark_error_percent"),
+        "train": report["num_train"],
+        "val": report["num_val"],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=Path("models"))
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--precisions", default="fp32,int8")
-    parser.add_argument("--tasks", default="pfwillow,faces")
+    parser.add_argument(
+        "--tasks", default="pfwillow,faces", help="comma list of pfwillow, tss, faces"
+    )
     parser.add_argument("--faces-train", type=int, default=2000, help="MTFL train faces used")
     parser.add_argument("--faces-val", type=int, default=600, help="MTFL val faces used")
     parser.add_argument("--threads", type=int, default=0)
@@ -108,70 +168,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(max(1, args.threads or 2))
     precisions = args.precisions.split(",")
     tasks = args.tasks.split(",")
-    device = torch.device("cpu")
     results: dict[str, dict[str, Any]] = {}
     if "pfwillow" in tasks:
-        model, config = load_model(args.checkpoints / "objects")
-        size = (int(config["input_size"][0]), int(config["input_size"][1]))
-        for precision in precisions:
-            onnx_model = OnnxModel(model, graphs_of(args.model_dir, "objects", precision))
-            report = evaluate_pfwillow(
-                onnx_model,  # type: ignore[arg-type]
-                args.data / "pf-willow-sample",
-                args.out / "figures" / precision,
-                input_size=size,
-                device=device,
-                figures=0,
-            )
-            results.setdefault("pfwillow", {})[precision] = {
-                "pck@0.1": report["methods"]["model"]["pck@0.1"],
-                "per_class": {c: v["model"]["pck@0.1"] for c, v in report["per_class"].items()},
-                "pairs": report["num_pairs"],
-            }
-            log.info("pfwillow %s: %s", precision, results["pfwillow"][precision])
+        results["pfwillow"] = per_precision(
+            args, precisions, "objects", evaluate_pfwillow, "pf-willow-sample", _pfwillow_figures
+        )
     if "tss" in tasks:
-        model, config = load_model(args.checkpoints / "objects")
-        size = (int(config["input_size"][0]), int(config["input_size"][1]))
-        for precision in precisions:
-            onnx_model = OnnxModel(model, graphs_of(args.model_dir, "objects", precision))
-            report = evaluate_tss(
-                onnx_model,  # type: ignore[arg-type]
-                args.data / "tss-sample",
-                args.out / "figures" / precision,
-                input_size=size,
-                device=device,
-                figures=0,
-            )
-            results.setdefault("tss", {})[precision] = {
-                **report["methods"]["model"],
-                "confidence_roc_auc": report["confidence"]["roc_auc"],
-                "pairs": report["num_pairs"],
-            }
-            log.info("tss %s: %s", precision, results["tss"][precision])
+        results["tss"] = per_precision(
+            args, precisions, "objects", evaluate_tss, "tss-sample", _tss_figures
+        )
     if "faces" in tasks:
-        model, config = load_model(args.checkpoints / "faces")
-        size = (int(config["input_size"][0]), int(config["input_size"][1]))
-        for precision in precisions:
-            onnx_model = OnnxModel(model, graphs_of(args.model_dir, "faces", precision))
-            report = evaluate_faces(
-                onnx_model,  # type: ignore[arg-type]
-                args.data / "mtfl-train",
-                args.out / "figures" / precision,
-                input_size=size,
-                device=device,
-                max_train=args.faces_train,
-                max_val=args.faces_val,
-                figures=0,
-            )
-            model_figures = report["methods"]["model"]
-            results.setdefault("faces", {})[precision] = {
-                "landmark_error_percent": model_figures["landmark_error_percent"],
-                # the tight-crop set, where model_export.evaluate reports one
-                "tight_landmark_error_percent": model_figures.get("tight_landmark_error_percent"),
-                "train": report["num_train"],
-                "val": report["num_val"],
-            }
-            log.info("faces %s: %s", precision, results["faces"][precision])
+        results["faces"] = per_precision(
+            args,
+            precisions,
+            "faces",
+            evaluate_faces,
+            "mtfl-train",
+            _faces_figures,
+            max_train=args.faces_train,
+            max_val=args.faces_val,
+        )
     lines = ["| task | " + " | ".join(precisions) + " | delta (last - first) | target |"]
     lines.append("|---|" + "---:|" * len(precisions) + "---:|---|")
     checks = {
