@@ -38,7 +38,7 @@ from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, Ro
 from service.openapi import install_openapi
 from service.problems import Problem, ProblemKind, problem_response
 from service.routes import api, public
-from service.runtime import InferenceEngine, ModelLoadError, find_models
+from service.runtime import ModelLoadError, find_models, load_engine
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -84,26 +84,9 @@ async def load_and_start(state: ServiceState) -> None:
                 f"({', '.join(state.models)})"
             )
         if settings.queue == "local":
-
-            def load() -> InferenceEngine:
-                engine = InferenceEngine.load(
-                    state.models,
-                    precision=settings.precision,
-                    providers=settings.providers,
-                    allow_cpu_fallback=settings.allow_cpu_fallback,
-                    intra_op_threads=settings.intra_op_threads,
-                    max_chunk=settings.max_batch_size,
-                    nice=settings.inference_nice,
-                )
-                seconds = engine.warm_up()
-                log.info("warmed up", extra={"warmup_seconds": seconds})
-                return engine
-
-            state.engine = await anyio.to_thread.run_sync(load)
-            for m in state.engine.describe():
-                state.metrics.provider.labels(
-                    m["name"], m["version"], m["provider"], m["precision"]
-                ).set(1)
+            state.engine = await anyio.to_thread.run_sync(
+                load_engine, state.models, settings, state.metrics
+            )
         dispatcher = make_dispatcher(state)
         await dispatcher.start()
         state.dispatcher = dispatcher

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -25,6 +25,10 @@ from numpy.typing import NDArray
 from service import fpenv
 from service.jobs import AlignOutput, InferenceJob, InferenceResult, LandmarkOutput
 from service.priority import call_at_lower_priority
+
+if TYPE_CHECKING:
+    from service.metrics import ServiceMetrics
+    from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -447,3 +451,23 @@ class InferenceEngine:
             }
             for name, s in self.models.items()
         ]
+
+
+def load_engine(
+    infos: dict[str, ModelInfo], settings: Settings, metrics: ServiceMetrics
+) -> InferenceEngine:
+    """The sessions of `infos` as `settings` ask, warmed up, with the provider gauge set:
+    how both the API process (local queue) and the Redis queue's worker load the models."""
+    engine = InferenceEngine.load(
+        infos,
+        precision=settings.precision,
+        providers=settings.providers,
+        allow_cpu_fallback=settings.allow_cpu_fallback,
+        intra_op_threads=settings.intra_op_threads,
+        max_chunk=settings.max_batch_size,
+        nice=settings.inference_nice,
+    )
+    log.info("warmed up", extra={"warmup_seconds": engine.warm_up()})
+    for m in engine.describe():
+        metrics.provider.labels(m["name"], m["version"], m["provider"], m["precision"]).set(1)
+    return engine

@@ -75,7 +75,7 @@ from service.redis_support import (
     reply_ttl_s,
     sync_client,
 )
-from service.runtime import InferenceEngine, ModelLoadError, find_models
+from service.runtime import ModelLoadError, find_models, load_engine
 from service.settings import Settings
 
 log = logging.getLogger("service.worker")
@@ -667,23 +667,6 @@ class ProbeServer:
 # -- entry point --------------------------------------------------------------------------
 
 
-def load_engine(settings: Settings, metrics: ServiceMetrics) -> InferenceEngine:
-    """The served models' sessions, warmed up, as the API loads them in local mode."""
-    engine = InferenceEngine.load(
-        find_models(settings.model_dir, settings.models),
-        precision=settings.precision,
-        providers=settings.providers,
-        allow_cpu_fallback=settings.allow_cpu_fallback,
-        intra_op_threads=settings.intra_op_threads,
-        max_chunk=settings.max_batch_size,
-        nice=settings.inference_nice,
-    )
-    log.info("warmed up", extra={"warmup_seconds": engine.warm_up()})
-    for m in engine.describe():
-        metrics.provider.labels(m["name"], m["version"], m["provider"], m["precision"]).set(1)
-    return engine
-
-
 def main() -> int:
     settings = Settings()
     configure_logging(settings.log_level)
@@ -712,7 +695,7 @@ def main() -> int:
     probes.start()
     log.info("worker probes on http://%s:%d", settings.host, probes.port)
     try:
-        engine = load_engine(settings, metrics)
+        engine = load_engine(find_models(settings.model_dir, settings.models), settings, metrics)
     except ModelLoadError as exc:
         log.error("cannot load the models: %s", exc)
         probes.stop()
