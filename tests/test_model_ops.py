@@ -33,6 +33,7 @@ from model_export.similarity import (
     cross_similarity,
     l2_normalise,
     max_over_channels,
+    mutual_step,
     neighbourhood_consensus,
     normalise_volume,
     self_similarity,
@@ -465,6 +466,27 @@ def test_neighbourhood_consensus_known_answer_on_a_tiny_volume() -> None:
         ]
     )
     torch.testing.assert_close(out.reshape(2, 2), v / v.amax(dim=0), atol=1e-5, rtol=0)
+
+
+def test_mutual_step_is_the_ratio_form_with_its_gradient() -> None:
+    # v * (v / (best per source + eps)) * (v / (best per target + eps)), in float64 so that
+    # the cube-and-reciprocals form must agree to rounding, values and gradient alike.
+    g = torch.Generator().manual_seed(3)
+    v = torch.rand(2, 12, 3, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    best_s = v.detach().amax(dim=1, keepdim=True)
+    best_t = v.detach().amax(dim=(2, 3), keepdim=True)
+    ratio = v * (v / (best_s + 1e-6)) * (v / (best_t + 1e-6))
+    ours = mutual_step(v, best_s, best_t, 1e-6)
+    torch.testing.assert_close(ours, ratio, rtol=1e-12, atol=0)
+    (g_ours,) = torch.autograd.grad(ours.sum(), v)
+    (g_ratio,) = torch.autograd.grad(ratio.sum(), v)
+    torch.testing.assert_close(g_ours, g_ratio, rtol=1e-12, atol=0)
+    # entry^3 / (best of its source column * best of its target row), by hand:
+    # rows = target cells, columns = source cells; column maxima 1, 0.5; row maxima 1, 0.5
+    one = torch.tensor([[1.0, 0.5], [0.5, 0.25]]).reshape(1, 2, 1, 2)
+    best_s, best_t = one.amax(dim=1, keepdim=True), one.amax(dim=(2, 3), keepdim=True)
+    expected = torch.tensor([[1.0, 0.125 / 0.5], [0.125 / 0.5, 0.25**3 / 0.25]])
+    torch.testing.assert_close(mutual_step(one, best_s, best_t, 0.0).reshape(2, 2), expected)
 
 
 def test_neighbourhood_consensus_rounds_repeat_the_mutual_step() -> None:
