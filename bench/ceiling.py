@@ -30,12 +30,14 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.common import machine_info, parse_int_list, write_json
+from bench.cpu_time import CpuMeter, per_request_ms
 from bench.loadgen import Payload, build_payload, require_loopback
 from bench.null_model import NAME, write_null_repository
 from bench.pyspy import start_recording, top_frames
@@ -132,13 +134,20 @@ def level(
     connections: int,
     seconds: float,
     warmup_s: float,
+    cpu_groups: Mapping[str, Iterable[int]] | None = None,
 ) -> dict[str, Any]:
     """A warm-up run, then the measured run; adds the mean batch run time of the measured
-    run (from the process's /metrics) and the overhead = mean latency - that."""
+    run (from the process's /metrics) and the overhead = mean latency - that, and with
+    `cpu_groups` (name -> process ids) each group's CPU milliseconds per request."""
     run_wrk(url, payload, work, connections=connections, seconds=warmup_s)
+    meter = CpuMeter(cpu_groups or {})
     before = batch_seconds(metrics_url)
+    meter.start()
     figures = run_wrk(url, payload, work, connections=connections, seconds=seconds)
+    cpu = meter.stop()
     after = batch_seconds(metrics_url)
+    if cpu_groups:
+        figures["cpu_ms_per_request"] = per_request_ms(cpu, figures["requests"])
     batches = after[1] - before[1]
     figures["batch_mean_ms"] = 1000 * (after[0] - before[0]) / batches if batches else None
     if figures["batch_mean_ms"] is not None:
@@ -181,9 +190,10 @@ def run_local(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str,
         for endpoint, response in (c.split("-") for c in args.cases):
             payload = build_payload(endpoint, response)
             key = f"{endpoint}-{response}"
-            one = level(url, url, payload, out / "wrk", 1, args.seconds, args.warmup)
+            groups = {"api": [api.pid]}
+            one = level(url, url, payload, out / "wrk", 1, args.seconds, args.warmup, groups)
             levels = [
-                level(url, url, payload, out / "wrk", c, args.seconds, args.warmup)
+                level(url, url, payload, out / "wrk", c, args.seconds, args.warmup, groups)
                 for c in args.concurrency
             ]
             best = max(levels, key=lambda f: f["ok_rps"])
@@ -213,22 +223,37 @@ def run_redis(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str,
     runs: list[dict[str, Any]] = []
     with Stack(out / "logs" / "redis") as stack:
         redis_url = stack.redis()
+        redis_pids = [p.pid for p in stack.processes]
         queue = {"JLAD_QUEUE": "redis", "JLAD_REDIS_URL": redis_url}
-        # batches are counted on the first worker's /metrics only (the overhead column)
-        worker_urls = [
-            stack.worker(f"worker-{i}", null_settings(model_dir, args.inference_nice, **queue))[1]
+        workers = [
+            stack.worker(f"worker-{i}", null_settings(model_dir, args.inference_nice, **queue))
             for i in range(args.workers)
         ]
-        worker_url = worker_urls[0]
+        # batches are counted on the first worker's /metrics only (the overhead column)
+        worker_url = workers[0][1]
         for index, processes in enumerate(args.api_processes):
             with Stack(out / "logs" / "redis" / f"api-{index}-{processes}") as apis:
                 settings = null_settings(
                     model_dir, args.inference_nice, **queue, JLAD_API_PROCESSES=str(processes)
                 )
-                _, url = apis.api(f"api-{processes}p", settings)
+                api, url = apis.api(f"api-{processes}p", settings)
+                groups = {
+                    "api": [api.pid],
+                    "workers": [w.pid for w, _ in workers],
+                    "redis": redis_pids,
+                }
                 best = max(
                     (
-                        level(url, worker_url, payload, out / "wrk", c, args.seconds, args.warmup)
+                        level(
+                            url,
+                            worker_url,
+                            payload,
+                            out / "wrk",
+                            c,
+                            args.seconds,
+                            args.warmup,
+                            cpu_groups=groups,
+                        )
                         for c in args.redis_concurrency
                     ),
                     key=lambda f: f["ok_rps"],
@@ -254,6 +279,7 @@ def report(results: dict[str, Any]) -> str:
             f"{sat['ok_rps']:.0f} ({sat['connections']}) | {sat['p99_us'] / 1000:.1f} |"
         )
     targets = []
+    cpu_lines: list[str] = []
     local = results.get("local", {}).get("landmarks-npz")
     if local:
         rps = local["saturation"]["ok_rps"]
@@ -270,6 +296,18 @@ def report(results: dict[str, Any]) -> str:
                 f"{r['saturation']['ok_rps']:.0f} ({r['saturation']['connections']}) | "
                 f"{r['saturation']['p99_us'] / 1000:.1f} |"
             )
+        cpu_rows = [r for r in redis["runs"] if r["saturation"].get("cpu_ms_per_request")]
+        if cpu_rows:
+            names = list(cpu_rows[0]["saturation"]["cpu_ms_per_request"])
+            cpu_lines = [
+                "| API processes | " + " | ".join(f"{n} CPU ms/request" for n in names) + " |",
+                "|---:|" + "---:|" * len(names),
+            ]
+            for r in cpu_rows:
+                cpu = r["saturation"]["cpu_ms_per_request"]
+                cpu_lines.append(
+                    f"| {r['api_processes']} | " + " | ".join(f"{cpu[n]:.2f}" for n in names) + " |"
+                )
         ratio = redis["two_over_one"]
         if ratio is not None:
             verdict = "pass" if ratio >= SCALING_TARGET else "miss"
@@ -279,6 +317,8 @@ def report(results: dict[str, Any]) -> str:
             )
     if targets:
         lines += ["", "| target | measured | limit | result |", "|---|---:|---:|---|", *targets]
+    if cpu_lines:
+        lines += ["", *cpu_lines]
     return "\n".join(lines)
 
 

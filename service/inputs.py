@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from service.imaging import ImageLimits, decode_base64, decode_image, to_model_input
+from service.imaging import ImageLimits, decode_base64, decode_image, to_model_pixels
 from service.problems import (
     BAD_REQUEST,
     NOT_ACCEPTABLE,
@@ -238,10 +238,10 @@ def limits_of(state: ServiceState) -> ImageLimits:
 
 @dataclass
 class Decoded:
-    """An uploaded image, as decoded (H, W, 3) and as the model takes it (3, h, w)."""
+    """An uploaded image, as decoded (H, W, 3) and resized to the model's input (3, h, w)."""
 
     rgb: RGB8
-    model_input: F32
+    pixels: RGB8
 
     @property
     def size(self) -> tuple[int, int]:
@@ -250,11 +250,11 @@ class Decoded:
 
 
 def decode_for_model(
-    data: bytes, limits: ImageLimits, info: ModelInfo, what: str, out: F32 | None = None
+    data: bytes, limits: ImageLimits, info: ModelInfo, what: str, out: RGB8 | None = None
 ) -> Decoded:
-    """The upload decoded, and its model input (written into `out` when given)."""
+    """The upload decoded, and its model pixels (written into `out` when given)."""
     rgb = decode_image(data, limits, what)
-    return Decoded(rgb, to_model_input(rgb, *info.input_size, out=out))
+    return Decoded(rgb, to_model_pixels(rgb, *info.input_size, out=out))
 
 
 def check_points(points: NDArray[np.floating], size: tuple[int, int]) -> None:

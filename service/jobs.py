@@ -17,20 +17,22 @@ import numpy as np
 from numpy.typing import NDArray
 
 F32 = NDArray[np.float32]
+U8 = NDArray[np.uint8]
 
 
 @dataclass(eq=False)  # identity, never array-by-array comparison
 class InferenceJob:
     """One request's model work.
 
-    `images`: (N, 3, H, W) float32 RGB in [0, 1] at the model's input size.
+    `images`: (N, 3, H, W) uint8 RGB at the model's input size; the graphs see them / 255
+    (`service.imaging.model_input`, applied by the engine to the whole batch).
     `landmarks`: indices into `images` to run the landmark head on.
     `pairs`: (source index, target index) pairs to run the alignment head on.
     `deadline`: wall-clock time (`time.time()`) after which the result is useless.
     """
 
     model: str
-    images: F32
+    images: U8
     landmarks: list[int] = field(default_factory=list)
     pairs: list[tuple[int, int]] = field(default_factory=list)
     deadline: float = float("inf")

@@ -5,10 +5,9 @@ the dtype taken from a short allow-list, and every decoded payload is checked fo
 fields, types and sizes it must have (`PayloadError` otherwise), so a corrupt or hostile
 entry can at worst be rejected.
 
-Images travel at the model's input size, as decoded and resized by the API. A model input
-that is exactly `uint8 / 255` (what `service.imaging.to_model_input` makes) is sent as its
-uint8 values, a quarter of the bytes, and restored bit for bit; anything else is sent as
-float32.
+Images travel as the job holds them: uint8 pixels at the model's input size, as decoded and
+resized by the API (`service.imaging.to_model_pixels`), marked `scale: 255` (the graphs take
+pixels / 255; the inference engine divides). Float payloads are refused.
 """
 
 from __future__ import annotations
@@ -66,30 +65,24 @@ def unpack_array(obj: object, what: str) -> NDArray[Any]:
     return array.astype(dtype.newbyteorder("="))
 
 
-def pack_images(images: NDArray[np.float32]) -> dict[str, Any]:
-    """(N, 3, H, W) float32 in [0, 1]: as uint8 when that loses nothing, else as float32."""
-    as_bytes = np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
-    if np.array_equal(restore_images(as_bytes), images):
-        return {"scale": 255, **pack_array(as_bytes)}
-    return {"scale": 1, **pack_array(images.astype(np.float32, copy=False))}
+def pack_images(pixels: NDArray[np.uint8]) -> dict[str, Any]:
+    """(N, 3, H, W) uint8 model pixels as a msgpack-able map."""
+    if pixels.dtype != np.uint8:
+        raise TypeError(f"job images must be uint8 pixels, not {pixels.dtype}")
+    return {"scale": 255, **pack_array(pixels)}
 
 
-def restore_images(as_bytes: NDArray[np.uint8]) -> NDArray[np.float32]:
-    """uint8 model input back to float32 [0, 1], the same operation as to_model_input."""
-    restored: NDArray[np.float32] = as_bytes.astype(np.float32) / 255.0
-    return restored
-
-
-def unpack_images(obj: object) -> NDArray[np.float32]:
+def unpack_images(obj: object) -> NDArray[np.uint8]:
     array = unpack_array(obj, "images")
     scale = obj.get("scale") if isinstance(obj, dict) else None
     if array.ndim != 4 or array.shape[1] != 3:
         raise PayloadError(f"images: expected (N, 3, H, W), got {array.shape}")
-    if scale == 255 and array.dtype == np.uint8:
-        return restore_images(array)
-    if scale == 1 and array.dtype == np.float32:
-        return array
-    raise PayloadError(f"images: scale {scale!r} does not fit dtype {array.dtype}")
+    if scale != 255 or array.dtype != np.uint8:
+        raise PayloadError(
+            f"images: expected uint8 pixels at scale 255, got {array.dtype} / {scale!r}"
+        )
+    pixels: NDArray[np.uint8] = array
+    return pixels
 
 
 def _packb(obj: dict[str, Any]) -> bytes:

@@ -43,19 +43,6 @@ REPLY_OK = b"ok"
 REPLY_FAILED = b"failed"  # the models raised on this job
 REPLY_DEAD = b"dead-letter"  # given up after too many deliveries or an unreadable entry
 
-# Refuses the entry when the stream already holds `max` entries (waiting or being run:
-# workers delete entries once done), else adds it. MAXLEN is a second bound that can never
-# trim a live entry, since the length is checked first.
-ADMIT_SCRIPT = """
-local length = redis.call('XLEN', KEYS[1])
-if length >= tonumber(ARGV[1]) then
-  return {0, length}
-end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', unpack(ARGV, 2))
-return {1, length + 1, id}
-"""
-
-
 StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
 
 

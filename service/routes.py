@@ -378,7 +378,7 @@ async def landmarks(
     decode_ms = (time.perf_counter() - decode_start) * 1000
     job = InferenceJob(
         info.name,
-        image.model_input[None],
+        image.pixels[None],
         landmarks=[0],
         deadline=deadline,
         request_id=request.state.request_id,
@@ -445,7 +445,7 @@ async def correspond(
             "(JLAD_MAX_QUERY_POINTS) per request",
         )
     limits = limits_of(state)
-    images = np.empty((2, 3, *info.input_size), np.float32)
+    images = np.empty((2, 3, *info.input_size), np.uint8)
 
     def decode(slot: int, name: str) -> Decoded:
         return decode_for_model(body.files[name], limits, info, name, out=images[slot])
@@ -588,7 +588,7 @@ async def propagate(
     decode_ms = (time.perf_counter() - decode_start) * 1000
     job = InferenceJob(
         info.name,
-        np.stack([source.model_input, *(t.model_input for t in targets)]),
+        np.stack([source.pixels, *(t.pixels for t in targets)]),
         pairs=[(i + 1, 0) for i in range(len(targets))],
         deadline=deadline,
         request_id=request.state.request_id,

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from service import fpenv
+from service.imaging import model_input
 from service.jobs import AlignOutput, InferenceJob, InferenceResult, LandmarkOutput
 from service.priority import call_at_lower_priority
 
@@ -363,7 +364,7 @@ class InferenceEngine:
         for name, sessions in self.models.items():
             h, w = sessions.info.input_size
             job = InferenceJob(
-                name, np.zeros((2, 3, h, w), np.float32), landmarks=[0], pairs=[(0, 1)]
+                name, np.zeros((2, 3, h, w), np.uint8), landmarks=[0], pairs=[(0, 1)]
             )
             started = time.monotonic()
             self.run_batch([job])
@@ -386,10 +387,16 @@ class InferenceEngine:
         sessions = self.models[model]
         h, w = sessions.info.input_size
         for job in jobs:
-            if job.images.shape[1:] != (3, h, w):
-                raise ValueError(f"job images {job.images.shape} do not fit {model} (3, {h}, {w})")
+            if job.images.shape[1:] != (3, h, w) or job.images.dtype != np.uint8:
+                raise ValueError(
+                    f"job images {job.images.dtype} {job.images.shape} do not fit {model} "
+                    f"(uint8, 3, {h}, {w})"
+                )
         offsets = np.cumsum([0] + [j.num_images for j in jobs])
-        images = np.concatenate([j.images for j in jobs]).astype(np.float32, copy=False)
+        # each job's pixels / 255 straight into the batch: the one copy concatenating made
+        images = np.empty((int(offsets[-1]), 3, h, w), np.float32)
+        for job, start in zip(jobs, offsets, strict=False):
+            model_input(job.images, out=images[start : start + job.num_images])
 
         started = time.monotonic()
         features = sessions.run("backbone", {"image": images}, self.max_chunk)["features"]

@@ -24,7 +24,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.fields import landmarks_to_pixels
-from service.imaging import ImageLimits, decode_image, to_model_input
+from service.imaging import ImageLimits, decode_image, to_model_pixels
 from service.jobs import InferenceJob
 from service.runtime import InferenceEngine
 from tests.service_support import free_port
@@ -289,7 +289,7 @@ def reference_landmarks(engine: InferenceEngine, model: str, image: bytes) -> np
     """(K, 2) landmarks in image pixels, computed in this process without any queue."""
     rgb = decode_image(image, ImageLimits(max_pixels=10**8, min_side=1))
     height, width = engine.models[model].info.input_size
-    job = InferenceJob(model, to_model_input(rgb, height, width)[None], landmarks=[0])
+    job = InferenceJob(model, to_model_pixels(rgb, height, width)[None], landmarks=[0])
     (result,) = engine.run_batch([job])
     return landmarks_to_pixels(result.landmarks[0].points, rgb.shape[1], rgb.shape[0])
 

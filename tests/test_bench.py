@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -424,7 +425,7 @@ def test_null_model_keeps_the_real_io_contract(tmp_path: Path) -> None:
     engine = InferenceEngine.load(
         infos, precision="fp32", providers="cpu", allow_cpu_fallback=False
     )
-    images = np.random.default_rng(0).random((2, 3, 64, 96), dtype=np.float32)
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 96), np.uint8)
     (result,) = engine.run_batch([InferenceJob("null", images, landmarks=[0], pairs=[(0, 1)])])
     lm, al = result.landmarks[0], result.alignments[0]
     assert lm.heatmaps.shape == (3, 8, 12) and lm.points.shape == (3, 2)
@@ -480,6 +481,43 @@ def test_precision_table_marks_the_speed_up_target() -> None:
     assert lines[2].endswith(">= 1.6: pass |") and lines[3].endswith(">= 1.6: miss |")
 
 
+def test_cpu_meter_counts_a_busy_process_tree_and_finished_children() -> None:
+    """A parent that spins in a child counts under the parent's group; a child that exited
+    and was waited for counts as the load generator; idle processes count ~nothing."""
+    from bench.cpu_time import CpuMeter, descendants, per_request_ms
+
+    def spin(seconds: float) -> str:
+        return (
+            f"import time\nend = time.process_time() + {seconds}\n"
+            "while time.process_time() < end: pass"
+        )
+
+    run_child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin(3.0)!r}])"
+    parent = subprocess.Popen([sys.executable, "-c", run_child])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        deadline = time.monotonic() + 10
+        while len(descendants(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(descendants(parent.pid)) == 2  # the parent and its spinning child
+        meter = CpuMeter({"busy": [parent.pid], "idle": [idle.pid]})
+        meter.start()
+        time.sleep(0.25)
+        subprocess.run([sys.executable, "-c", spin(0.4)], check=True)  # a finished child of ours
+        cpu = meter.stop()
+    finally:
+        for pid in descendants(parent.pid)[1:]:
+            os.kill(pid, signal.SIGKILL)
+        for process in (parent, idle):
+            process.kill()
+            process.wait()
+    assert cpu["busy"] > 0.3
+    assert cpu["idle"] < 0.05
+    assert cpu["load_generator"] > 0.3
+    assert per_request_ms({"a": 0.5, "b": 0.25}, 100) == {"a": 5.0, "b": 2.5, "total": 7.5}
+    assert per_request_ms({"a": 1.0}, 0) == {}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk)")
 def test_ceiling_runs_wrk_against_a_real_service_with_the_null_model(tmp_path: Path) -> None:
@@ -507,6 +545,8 @@ def test_ceiling_runs_wrk_against_a_real_service_with_the_null_model(tmp_path: P
     assert case["c1"]["ok"] > 0 and case["c1"]["requests"] == case["c1"]["ok"]
     assert case["c1"]["batch_mean_ms"] is not None
     assert case["saturation"]["ok_rps"] > 0
+    # the API process parsed, decoded and answered every request: it used CPU for them
+    assert case["saturation"]["cpu_ms_per_request"]["api"] > 0.05
     assert (tmp_path / "ceiling.md").read_text().startswith("| case |")
     assert not list((tmp_path / "null-models").glob("*/*/int8"))
 

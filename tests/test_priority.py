@@ -87,7 +87,7 @@ async def test_batcher_runs_jobs_in_a_lower_priority_thread() -> None:
     batcher = Batcher(runner, max_batch_size=2, max_wait_s=0.0, max_queue=4, inference_nice=5)
     await batcher.start()
     try:
-        job = InferenceJob("m", np.zeros((1, 3, 8, 8), np.float32), landmarks=[0])
+        job = InferenceJob("m", np.zeros((1, 3, 8, 8), np.uint8), landmarks=[0])
         await batcher.submit(job)
     finally:
         await batcher.close(1.0)

@@ -11,7 +11,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from service.imaging import to_model_input
+from service.imaging import to_model_pixels
 from service.jobs import AlignOutput, InferenceJob, InferenceResult, LandmarkOutput
 from service.redis_codec import (
     PayloadError,
@@ -26,24 +26,29 @@ from service.redis_support import redacted_url
 from tests.service_support import astronaut, chelsea
 
 
-def test_model_inputs_travel_as_uint8_and_come_back_bit_for_bit() -> None:
-    images = np.stack([to_model_input(chelsea(), 64, 48), to_model_input(astronaut(), 64, 48)])
-    job = InferenceJob("faces", images, landmarks=[1], pairs=[(0, 1), (1, 0)], request_id="r")
+def test_model_pixels_travel_as_uint8_and_come_back_bit_for_bit() -> None:
+    pixels = np.stack([to_model_pixels(chelsea(), 64, 48), to_model_pixels(astronaut(), 64, 48)])
+    job = InferenceJob("faces", pixels, landmarks=[1], pairs=[(0, 1), (1, 0)], request_id="r")
     data = encode_job(job)
-    # uint8 (4 x smaller than float32) plus a little framing.
-    assert len(data) < images.nbytes / 4 + 300
+    # the pixels plus a little framing
+    assert len(data) < pixels.nbytes + 300
     back = decode_job(data, deadline=123.5, request_id="r")
-    assert back.images.dtype == np.float32 and back.images.flags.writeable
-    assert np.array_equal(back.images, images)
+    assert back.images.dtype == np.uint8 and back.images.flags.writeable
+    assert np.array_equal(back.images, pixels)
     assert (back.model, back.landmarks, back.pairs) == ("faces", [1], [(0, 1), (1, 0)])
     assert (back.deadline, back.request_id) == (123.5, "r")
+    # the wire format of schema 1 that earlier APIs wrote for such images: uint8 at scale 255
+    assert msgpack.unpackb(data)["images"]["scale"] == 255
 
 
-def test_inputs_that_are_not_bytes_over_255_travel_as_float32_exactly() -> None:
-    images = np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)
-    data = encode_job(InferenceJob("objects", images, landmarks=[0]))
-    assert len(data) > images.nbytes
-    assert np.array_equal(decode_job(data, deadline=1.0, request_id="").images, images)
+def test_float_images_are_refused_on_both_sides() -> None:
+    floats = np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)
+    with pytest.raises(TypeError, match="uint8"):
+        encode_job(InferenceJob("objects", floats, landmarks=[0]))  # type: ignore[arg-type]
+    good = msgpack.unpackb(encode_job(InferenceJob("m", np.zeros((1, 3, 8, 8), np.uint8))))
+    as_float = {"scale": 1, "dtype": "<f4", "shape": [1, 3, 8, 8], "data": floats.tobytes()}
+    with pytest.raises(PayloadError, match="uint8 pixels"):
+        decode_job(msgpack.packb({**good, "images": as_float}), deadline=1.0, request_id="")
 
 
 def test_results_round_trip_exactly() -> None:
@@ -81,7 +86,7 @@ class _WritesAFile:
 def test_pickles_and_malformed_payloads_are_rejected_never_executed(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     hostile = pickle.dumps(_WritesAFile(str(marker)))
-    good = msgpack.unpackb(encode_job(InferenceJob("m", np.zeros((1, 3, 2, 2), np.float32))))
+    good = msgpack.unpackb(encode_job(InferenceJob("m", np.zeros((1, 3, 2, 2), np.uint8))))
 
     def with_images(**changes: Any) -> bytes:
         packed: bytes = msgpack.packb({**good, "images": {**good["images"], **changes}})

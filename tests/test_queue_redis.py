@@ -275,9 +275,9 @@ def test_a_job_the_models_reject_fails_alone_and_its_batch_mates_succeed(
     worker = make_worker(settings, engine, "w")
     (h, w) = engine.models["faces"].info.input_size
     rng = np.random.default_rng(0)
-    good = InferenceJob("faces", rng.random((1, 3, h, w), dtype=np.float32), landmarks=[0])
+    good = InferenceJob("faces", rng.integers(0, 256, (1, 3, h, w), np.uint8), landmarks=[0])
     # Wrong input size: the API never sends this, so it stands for any job the models reject.
-    bad = InferenceJob("faces", rng.random((1, 3, 8, 8), dtype=np.float32), landmarks=[0])
+    bad = InferenceJob("faces", rng.integers(0, 256, (1, 3, 8, 8), np.uint8), landmarks=[0])
 
     async def submit_both() -> list[InferenceResult | BaseException]:
         dispatcher = RedisDispatcher(settings, ServiceMetrics())

@@ -16,7 +16,8 @@ from service.imaging import (
     decode_image,
     decode_mask,
     encode_mask_png,
-    to_model_input,
+    model_input,
+    to_model_pixels,
 )
 from service.problems import Problem
 from tests.service_support import encode, png_declaring
@@ -145,11 +146,26 @@ def test_base64_accepts_data_urls_and_refuses_garbage() -> None:
     assert kind_of(exc) == "validation-error"
 
 
-def test_model_input_is_chw_in_unit_range() -> None:
-    out = to_model_input(gradient(), 32, 48)
-    assert out.shape == (3, 32, 48)
-    assert out.dtype == np.float32
-    assert out.min() >= 0.0 and out.max() <= 1.0
+def test_model_pixels_are_the_resized_image_channels_first() -> None:
+    rgb = gradient()
+    same_size = to_model_pixels(rgb, 40, 60)
+    assert same_size.dtype == np.uint8 and same_size.shape == (3, 40, 60)
+    assert np.array_equal(same_size, rgb.transpose(2, 0, 1))
+    slot = np.zeros((2, 3, 32, 48), np.uint8)
+    out = to_model_pixels(rgb, 32, 48, out=slot[1])
+    assert out.base is slot and np.array_equal(slot[1], out) and not slot[0].any()
+    resized = Image.fromarray(rgb).resize((48, 32), Image.Resampling.BILINEAR)
+    assert np.array_equal(out, np.asarray(resized).transpose(2, 0, 1))
+
+
+def test_model_input_is_pixels_over_255_in_float32() -> None:
+    pixels = np.array([[[[0, 51, 255]]] * 3], np.uint8)  # (1, 3, 1, 3)
+    out = model_input(pixels)
+    assert out.dtype == np.float32 and out.shape == pixels.shape
+    np.testing.assert_array_equal(out[0, :, 0], np.float32([[0.0, 0.2, 1.0]] * 3))
+    # the same floats as the division in float64 rounded once
+    rgb = noise()
+    assert np.array_equal(model_input(rgb), (rgb / 255.0).astype(np.float32))
 
 
 def test_masks_keep_label_values_in_every_mode() -> None:

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from model_export.quantize import cpu_has_vnni
-from service.imaging import to_model_input
+from service.imaging import model_input, to_model_pixels
 from service.jobs import InferenceJob
 from service.runtime import (
     CPU,
@@ -48,9 +48,9 @@ def engine(model_dir: Path) -> InferenceEngine:
     )
 
 
-def model_inputs(info: ModelInfo) -> np.ndarray:
+def model_pixels(info: ModelInfo) -> np.ndarray:
     h, w = info.input_size
-    return np.stack([to_model_input(img, h, w) for img in (astronaut(), chelsea(), coffee())])
+    return np.stack([to_model_pixels(img, h, w) for img in (astronaut(), chelsea(), coffee())])
 
 
 def test_repository_serves_the_highest_version(model_dir: Path, tmp_path: Path) -> None:
@@ -117,7 +117,7 @@ def test_cuda_runs_where_available(faces: ModelInfo) -> None:
 
 
 def test_a_batch_of_jobs_equals_each_job_alone(engine: InferenceEngine, faces: ModelInfo) -> None:
-    images = model_inputs(faces)
+    images = model_pixels(faces)
     jobs = [
         InferenceJob("faces", images[[0, 1]], landmarks=[1], pairs=[(0, 1), (1, 0)]),
         InferenceJob("faces", images[[2]], landmarks=[0]),
@@ -142,6 +142,16 @@ def test_a_batch_of_jobs_equals_each_job_alone(engine: InferenceEngine, faces: M
     assert together[0].batch_images == 5
 
 
+def test_jobs_carry_uint8_pixels_and_anything_else_is_refused(
+    engine: InferenceEngine, faces: ModelInfo
+) -> None:
+    pixels = model_pixels(faces)[:1]
+    with pytest.raises(ValueError, match="uint8"):
+        engine.run_batch([InferenceJob("faces", model_input(pixels), landmarks=[0])])
+    with pytest.raises(ValueError, match="do not fit"):
+        engine.run_batch([InferenceJob("faces", pixels[:, :, :8, :8], landmarks=[0])])
+
+
 def test_a_zooming_landmark_graph_gets_each_image_with_its_features(
     engine: InferenceEngine, faces: ModelInfo
 ) -> None:
@@ -149,8 +159,9 @@ def test_a_zooming_landmark_graph_gets_each_image_with_its_features(
     `landmark_zoom`): the engine must feed every landmark row its own image."""
     sessions = engine.models["faces"]
     assert sessions.takes("landmarks", "image") and not sessions.takes("align", "image")
-    images = model_inputs(faces)
-    (result,) = engine.run_batch([InferenceJob("faces", images, landmarks=[2, 0])])
+    pixels = model_pixels(faces)
+    (result,) = engine.run_batch([InferenceJob("faces", pixels, landmarks=[2, 0])])
+    images = model_input(pixels)  # what the engine feeds the graphs: pixels / 255
     features = sessions.run("backbone", {"image": images}, 8)["features"]
     rows = [2, 0]
     direct = sessions.run("landmarks", {"features": features[rows], "image": images[rows]}, 8)
@@ -166,7 +177,7 @@ def test_fp16_variant_agrees_with_fp32(model_dir: Path, engine: InferenceEngine)
     half = InferenceEngine.load(
         infos, precision="fp16", providers="cpu", allow_cpu_fallback=False, intra_op_threads=1
     )
-    images = model_inputs(infos["faces"])
+    images = model_pixels(infos["faces"])
     job = InferenceJob("faces", images[[0, 1]], landmarks=[0], pairs=[(0, 1)])
     full, reduced = engine.run_batch([job])[0], half.run_batch([job])[0]
     assert reduced.alignments[0].mapping.dtype == np.float32  # cast back by the service
@@ -187,7 +198,7 @@ def test_int8_variant_agrees_with_fp32(model_dir: Path, engine: InferenceEngine)
     )
     assert int8.describe()[0]["precision"] == "int8"
     assert int8.describe()[0]["provider"] == CPU
-    images = model_inputs(infos["faces"])
+    images = model_pixels(infos["faces"])
     job = InferenceJob("faces", images[[0, 1]], landmarks=[0, 1], pairs=[(0, 1)])
     full, quant = engine.run_batch([job])[0], int8.run_batch([job])[0]
     tol = infos["faces"].manifest["parity"]["int8"]
