@@ -204,11 +204,15 @@ def _target_grid(n: int, h: int, w: int) -> tuple[int, int]:
 def upsample2(x: Tensor) -> Tensor:
     """Nearest-neighbour x2 upsampling of (B, C, h, w) -> (B, C, 2h, 2w).
 
-    Written as expand + reshape rather than F.interpolate: the exporter turns interpolate's
-    output size into float casts of traced shapes, which the fp16 converter mistypes.
+    Written as two stack + reshape steps (each column, then each row, twice) rather than
+    F.interpolate: the exporter turns interpolate's output size into float casts of traced
+    shapes, which the fp16 converter mistypes. Not as one 6D expand + reshape: ONNX
+    Runtime's CPU Expand is a generic broadcast, 3.0 ms for a (4, 128, 16, 16) map where
+    the two Concats take 0.43 ms (Resize 0.36 ms); the same values.
     """
     b, c, h, w = x.shape
-    return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+    columns = torch.stack([x, x], dim=-1).reshape(b, c, h, 2 * w)
+    return torch.stack([columns, columns], dim=3).reshape(b, c, 2 * h, 2 * w)
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
