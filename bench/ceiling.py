@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 from bench.common import machine_info, parse_int_list, write_json
 from bench.cpu_time import CpuMeter, per_request_ms
@@ -126,6 +127,35 @@ def batch_seconds(metrics_url: str) -> tuple[float, float]:
     return total, count
 
 
+def redis_command_stats(redis_url: str) -> dict[str, tuple[int, int]]:
+    """(calls, microseconds) of every command Redis has run, from `INFO commandstats`."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {
+        name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+        for name, v in stats.items()
+    }
+
+
+def command_cost_per_request(
+    before: Mapping[str, tuple[int, int]], after: Mapping[str, tuple[int, int]], requests: int
+) -> dict[str, dict[str, float]]:
+    """Per command run between two `redis_command_stats`: calls and Redis-side microseconds
+    per request, dearest first (how the Lua admission script's cost was found)."""
+    rows = {}
+    for name, (calls, usec) in after.items():
+        calls0, usec0 = before.get(name, (0, 0))
+        if calls > calls0 and requests > 0:
+            rows[name] = {
+                "calls_per_request": (calls - calls0) / requests,
+                "usec_per_request": (usec - usec0) / requests,
+            }
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]["usec_per_request"]))
+
+
 def level(
     url: str,
     metrics_url: str,
@@ -135,19 +165,26 @@ def level(
     seconds: float,
     warmup_s: float,
     cpu_groups: Mapping[str, Iterable[int]] | None = None,
+    redis_url: str | None = None,
 ) -> dict[str, Any]:
     """A warm-up run, then the measured run; adds the mean batch run time of the measured
-    run (from the process's /metrics) and the overhead = mean latency - that, and with
-    `cpu_groups` (name -> process ids) each group's CPU milliseconds per request."""
+    run (from the process's /metrics) and the overhead = mean latency - that; with
+    `cpu_groups` (name -> process ids) each group's CPU milliseconds per request, and with
+    `redis_url` what each Redis command cost per request."""
     run_wrk(url, payload, work, connections=connections, seconds=warmup_s)
     meter = CpuMeter(cpu_groups or {})
     before = batch_seconds(metrics_url)
+    commands = redis_command_stats(redis_url) if redis_url else {}
     meter.start()
     figures = run_wrk(url, payload, work, connections=connections, seconds=seconds)
     cpu = meter.stop()
     after = batch_seconds(metrics_url)
     if cpu_groups:
         figures["cpu_ms_per_request"] = per_request_ms(cpu, figures["requests"])
+    if redis_url:
+        figures["redis_commands"] = command_cost_per_request(
+            commands, redis_command_stats(redis_url), figures["requests"]
+        )
     batches = after[1] - before[1]
     figures["batch_mean_ms"] = 1000 * (after[0] - before[0]) / batches if batches else None
     if figures["batch_mean_ms"] is not None:
@@ -253,6 +290,7 @@ def run_redis(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str,
                             args.seconds,
                             args.warmup,
                             cpu_groups=groups,
+                            redis_url=redis_url,
                         )
                         for c in args.redis_concurrency
                     ),
@@ -307,6 +345,15 @@ def report(results: dict[str, Any]) -> str:
                 cpu = r["saturation"]["cpu_ms_per_request"]
                 cpu_lines.append(
                     f"| {r['api_processes']} | " + " | ".join(f"{cpu[n]:.2f}" for n in names) + " |"
+                )
+            for r in cpu_rows:
+                commands = r["saturation"].get("redis_commands") or {}
+                top = ", ".join(
+                    f"{name} {c['usec_per_request']:.0f} us x {c['calls_per_request']:.2f}"
+                    for name, c in list(commands.items())[:5]
+                )
+                cpu_lines.append(
+                    f"\nRedis per request, {r['api_processes']} API process(es): {top}"
                 )
         ratio = redis["two_over_one"]
         if ratio is not None:

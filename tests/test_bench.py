@@ -481,6 +481,34 @@ def test_precision_table_marks_the_speed_up_target() -> None:
     assert lines[2].endswith(">= 1.6: pass |") and lines[3].endswith(">= 1.6: miss |")
 
 
+def test_redis_command_costs_per_request_from_a_real_redis(tmp_path: Path) -> None:
+    """bench.ceiling's Redis column: INFO commandstats before and after, per request."""
+    import redis
+
+    from bench.ceiling import command_cost_per_request, redis_command_stats
+    from tests.queue_support import redis_server
+
+    with redis_server(tmp_path) as server:
+        before = redis_command_stats(server.url)
+        client = redis.Redis.from_url(server.url)
+        for _ in range(10):
+            client.xadd("s", {"payload": b"x" * 1000})
+            client.xlen("s")
+        client.close()
+        costs = command_cost_per_request(before, redis_command_stats(server.url), requests=10)
+    assert costs["xadd"]["calls_per_request"] == 1.0
+    assert costs["xlen"]["calls_per_request"] == 1.0
+    assert costs["xadd"]["usec_per_request"] > 0
+    # dearest first; commands that did not run in between are left out
+    assert list(costs) == sorted(costs, key=lambda n: -costs[n]["usec_per_request"])
+    known = command_cost_per_request({"get": (5, 100)}, {"get": (25, 500), "set": (5, 50)}, 10)
+    assert known == {
+        "get": {"calls_per_request": 2.0, "usec_per_request": 40.0},
+        "set": {"calls_per_request": 0.5, "usec_per_request": 5.0},
+    }
+    assert command_cost_per_request({"get": (5, 100)}, {"get": (5, 100)}, 10) == {}
+
+
 def test_cpu_meter_counts_a_busy_process_tree_and_finished_children() -> None:
     """A parent that spins in a child counts under the parent's group; a child that exited
     and was waited for counts as the load generator; idle processes count ~nothing."""
