@@ -29,6 +29,7 @@ import logging
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -90,26 +91,31 @@ def parse_wrk(output: str) -> dict[str, Any]:
     return figures
 
 
-def run_wrk(
-    url: str, payload: Payload, work: Path, *, connections: int, seconds: float
-) -> dict[str, Any]:
+def run_wrk(url: str, payload: Payload, *, connections: int, seconds: float) -> dict[str, Any]:
     """One closed-loop level: `connections` keep-alive connections for `seconds`."""
     require_loopback(url)
-    work.mkdir(parents=True, exist_ok=True)
-    body = work / f"{payload.endpoint}-{payload.response}.body"
-    body.write_bytes(payload.body)
-    script = work / "post.lua"
-    script.write_text(WRK_SCRIPT)
-    # wrk takes whole seconds
-    argv = [wrk_binary(), "-t", "1", "-c", str(connections), "-d", f"{max(1, round(seconds))}s"]
-    argv += ["--timeout", "10s", "-s", str(script), url + payload.path]
-    env = {
-        "JLAD_WRK_BODY": str(body),
-        "JLAD_WRK_CONTENT_TYPE": payload.headers["content-type"],
-        "JLAD_WRK_ACCEPT": payload.headers["accept"],
-        "PATH": "/usr/bin:/bin",
-    }
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    # the body and the script are scratch (the script is WRK_SCRIPT above): not in the results
+    with tempfile.TemporaryDirectory(prefix="jlad-wrk-") as work:
+        body = Path(work) / "body"
+        body.write_bytes(payload.body)
+        script = Path(work) / "post.lua"
+        script.write_text(WRK_SCRIPT)
+        # wrk takes whole seconds
+        argv = [wrk_binary(), "-t", "1", "-c", str(connections)]
+        argv += ["-d", f"{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script)]
+        env = {
+            "JLAD_WRK_BODY": str(body),
+            "JLAD_WRK_CONTENT_TYPE": payload.headers["content-type"],
+            "JLAD_WRK_ACCEPT": payload.headers["accept"],
+            "PATH": "/usr/bin:/bin",
+        }
+        done = subprocess.run(
+            [*argv, url + payload.path],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+        )
     figures = parse_wrk(done.stdout)
     figures["connections"] = connections
     return figures
@@ -160,7 +166,6 @@ def level(
     url: str,
     metrics_url: str,
     payload: Payload,
-    work: Path,
     connections: int,
     seconds: float,
     warmup_s: float,
@@ -171,12 +176,12 @@ def level(
     run (from the process's /metrics) and the overhead = mean latency - that; with
     `cpu_groups` (name -> process ids) each group's CPU milliseconds per request, and with
     `redis_url` what each Redis command cost per request."""
-    run_wrk(url, payload, work, connections=connections, seconds=warmup_s)
+    run_wrk(url, payload, connections=connections, seconds=warmup_s)
     meter = CpuMeter(cpu_groups or {})
     before = batch_seconds(metrics_url)
     commands = redis_command_stats(redis_url) if redis_url else {}
     meter.start()
-    figures = run_wrk(url, payload, work, connections=connections, seconds=seconds)
+    figures = run_wrk(url, payload, connections=connections, seconds=seconds)
     cpu = meter.stop()
     after = batch_seconds(metrics_url)
     if cpu_groups:
@@ -228,9 +233,9 @@ def run_local(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str,
             payload = build_payload(endpoint, response)
             key = f"{endpoint}-{response}"
             groups = {"api": [api.pid]}
-            one = level(url, url, payload, out / "wrk", 1, args.seconds, args.warmup, groups)
+            one = level(url, url, payload, 1, args.seconds, args.warmup, groups)
             levels = [
-                level(url, url, payload, out / "wrk", c, args.seconds, args.warmup, groups)
+                level(url, url, payload, c, args.seconds, args.warmup, groups)
                 for c in args.concurrency
             ]
             best = max(levels, key=lambda f: f["ok_rps"])
@@ -246,7 +251,7 @@ def profile(
     """py-spy of the API process while wrk holds it at saturation."""
     path = out / "profiles" / "api-landmarks-npz.txt"
     recorder = start_recording(pid, 8, path)
-    run_wrk(url, payload, out / "wrk", connections=best["connections"], seconds=9)
+    run_wrk(url, payload, connections=best["connections"], seconds=9)
     recorder.wait(timeout=60)
     try:
         return top_frames(path.read_text(), limit=25)
@@ -260,7 +265,7 @@ def run_redis(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str,
     runs: list[dict[str, Any]] = []
     with Stack(out / "logs" / "redis") as stack:
         redis_url = stack.redis()
-        redis_pids = [p.pid for p in stack.processes]
+        redis_pids = [p.pid for p in stack.processes if p.name.startswith("redis-")]
         queue = {"JLAD_QUEUE": "redis", "JLAD_REDIS_URL": redis_url}
         workers = [
             stack.worker(f"worker-{i}", null_settings(model_dir, args.inference_nice, **queue))
@@ -285,7 +290,6 @@ def run_redis(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str,
                             url,
                             worker_url,
                             payload,
-                            out / "wrk",
                             c,
                             args.seconds,
                             args.warmup,
