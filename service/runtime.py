@@ -395,7 +395,7 @@ class InferenceEngine:
         offsets = np.cumsum([0] + [j.num_images for j in jobs])
         # each job's pixels / 255 straight into the batch: the one copy concatenating made
         images = np.empty((int(offsets[-1]), 3, h, w), np.float32)
-        for job, start in zip(jobs, offsets, strict=False):
+        for job, start in zip(jobs, offsets[:-1], strict=True):
             model_input(job.images, out=images[start : start + job.num_images])
 
         started = time.monotonic()
