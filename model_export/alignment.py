@@ -59,16 +59,18 @@ def softmax_expectation(
     centres (ht, wt, 2): mapping (B, 2, h, w) and the softmax's peak probability (B, 1, h, w).
 
     The probabilities are never formed as a volume: exp(logits - max) goes through
-    `expected_position` unnormalised and the (B, 2, h, w) result is divided by the sum; the
-    peak is 1 / sum (the maximum's term is exp(0)). ONNX Runtime's CPU Softmax on a
-    non-last axis transposes around a generic kernel (13 ms per 4 x 1024 x 32 x 32 volume,
-    profiled), and every volume-sized pass saved (the division, a second max for the peak)
-    is ~2-4 ms of a ~100 ms align graph. `top` (B, 1, h, w), when the caller knows it, is
-    the logits' maximum over axis 1 (the same floats), saving the max.
+    `position_moments` unnormalised (its third moment is the sum) and the (B, 2, h, w) result
+    is divided by that sum; the peak is 1 / sum (the maximum's term is exp(0)). ONNX
+    Runtime's CPU Softmax on a non-last axis transposes around a generic kernel (13 ms per
+    4 x 1024 x 32 x 32 volume, profiled), and every volume-sized pass saved (the division, a
+    second max for the peak, the sum) is ~0.4-4 ms of a ~50-100 ms align graph. `top`
+    (B, 1, h, w), when the caller knows it, is the logits' maximum over axis 1 (the same
+    floats), saving the max.
     """
     e = torch.exp(logits - (max_over_channels(logits) if top is None else top))
-    total = e.sum(dim=1, keepdim=True)
-    return expected_position(e, centres) / total, 1.0 / total
+    moments = position_moments(e, centres)
+    total = moments[:, 2:3]
+    return moments[:, :2] / total, 1.0 / total
 
 
 def soft_argmax_mapping(
@@ -87,24 +89,31 @@ def soft_argmax_mapping(
     return softmax_expectation(similarity * beta, cell_centres(ht, wt, like=similarity))
 
 
-def expected_position(prob: Tensor, centres: Tensor) -> Tensor:
-    """Mean target-cell centre under each source cell's distribution: prob (B, ht*wt, h, w)
-    and centres (ht, wt, 2) -> (B, 2, h, w); `einsum("bnhw,nc->bchw")`.
+def position_moments(weights: Tensor, centres: Tensor) -> Tensor:
+    """Weighted sums over the target cells of each source cell's weights (B, ht*wt, h, w),
+    centres (ht, wt, 2) -> (B, 3, h, w): sum of w * x, sum of w * y and sum of w, i.e.
+    `einsum("bnhw,nc->bchw", weights, [centres | 1])`.
 
-    One (2, N) x (N, h*w) product per image: ONNX Runtime's CPU Einsum took 8.6 ms for it on
-    a 4 x 1024 x 32 x 32 volume (it transposes the volume first), MatMul 0.9 ms.
+    One (3, N) x (N, h*w) product per image: ONNX Runtime's CPU Einsum took 8.6 ms for the
+    first two rows on a 4 x 1024 x 32 x 32 volume (it transposes the volume first), MatMul
+    0.9 ms; the row of ones makes the sum part of the same product (0.84 ms where MatMul +
+    ReduceSum took 1.19).
     """
-    b, n, h, w = prob.shape
-    flat = centres.reshape(n, 2).transpose(0, 1)
-    return torch.matmul(flat, prob.reshape(b, n, h * w)).reshape(b, 2, h, w)
+    b, n, h, w = weights.shape
+    # from `centres` alone (no traced shape): the exported graph holds the (3, N) matrix as
+    # one constant, which int8 quantization must see as fixed (`quantize.similarity_products`)
+    ones = torch.ones_like(centres[..., :1])
+    rows = torch.cat([centres, ones], dim=-1).reshape(-1, 3).transpose(0, 1)
+    return torch.matmul(rows, weights.reshape(b, n, h * w)).reshape(b, 3, h, w)
 
 
 def reverse_mapping(scores: Tensor, beta: Tensor | float, grid_size: tuple[int, int]) -> Tensor:
     """For each target cell, the expected source position under the soft-argmax over the
     source cells of the same similarity volume: scores (B, ht*wt, h, w) -> (B, 2, ht, wt).
 
-    The softmax runs over the volume's last two axes as they lie (max and sum over
-    contiguous memory, then one (N, h*w) x (h*w, 2) product) rather than over axis 1 of the
+    The softmax runs over the volume's last two axes as they lie (max over contiguous
+    memory, then one (N, h*w) x (h*w, 3) product whose third column is the sum) rather than
+    over axis 1 of the
     transposed volume: the 1024 x 1024 transpose and the strided max cost ~7 ms per 4 pairs.
     """
     return reverse_expectation(scores * beta, grid_size)
@@ -116,7 +125,9 @@ def reverse_expectation(logits: Tensor, grid_size: tuple[int, int]) -> Tensor:
     b, n = logits.shape[:2]
     e = torch.exp(logits - logits.amax(dim=(2, 3), keepdim=True)).reshape(b, n, h * w)
     centres = cell_centres(h, w, like=logits).reshape(h * w, 2)
-    expected = torch.matmul(e, centres) / e.sum(dim=2, keepdim=True)  # (B, ht*wt, 2)
+    columns = torch.cat([centres, centres.new_ones(h * w, 1)], dim=1)  # the sum rides along
+    moments = torch.matmul(e, columns)  # (B, ht*wt, 3)
+    expected = moments[..., :2] / moments[..., 2:]
     return expected.transpose(1, 2).reshape(b, 2, h, w)
 
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from model_export.alignment import (
     SemanticAligner,
-    expected_position,
     forward_backward_consistency,
     neighbourhood_motion,
+    position_moments,
     prior_soft_argmax_mapping,
     reverse_mapping,
     round_trip_consistency,
@@ -276,21 +276,24 @@ def test_channel_norm_is_torch_norm_with_a_finite_gradient_at_zero() -> None:
     torch.testing.assert_close(grad, expected)
 
 
-def test_expected_position_is_the_einsum_with_its_gradient() -> None:
+def test_position_moments_are_the_einsum_with_its_gradient() -> None:
     g = torch.Generator().manual_seed(5)
     prob = torch.softmax(torch.randn(3, 12, 2, 5, generator=g), dim=1).requires_grad_()
     centres = cell_centres(3, 4)
-    ours = expected_position(prob, centres)
-    reference = torch.einsum("bnhw,nc->bchw", prob, centres.reshape(12, 2))
+    ours = position_moments(prob, centres)
+    with_ones = torch.cat([centres.reshape(12, 2), torch.ones(12, 1)], dim=1)
+    reference = torch.einsum("bnhw,nc->bchw", prob, with_ones)
     torch.testing.assert_close(ours, reference)
-    assert ours.shape == (3, 2, 2, 5)
-    (grad,) = torch.autograd.grad(ours.sum(), prob)
-    (expected,) = torch.autograd.grad(reference.sum(), prob)
+    assert ours.shape == (3, 3, 2, 5)
+    torch.testing.assert_close(ours[:, 2], torch.ones(3, 2, 5))  # probabilities sum to one
+    upstream = torch.randn(ours.shape, generator=g)
+    (grad,) = torch.autograd.grad((ours * upstream).sum(), prob)
+    (expected,) = torch.autograd.grad((reference * upstream).sum(), prob)
     torch.testing.assert_close(grad, expected)
     # A delta on target cell (row 2, column 1) puts the source cell at that cell's centre.
     delta = torch.zeros(1, 12, 1, 1)
     delta[0, 2 * 4 + 1] = 1.0
-    torch.testing.assert_close(expected_position(delta, centres)[0, :, 0, 0], centres[2, 1])
+    torch.testing.assert_close(position_moments(delta, centres)[0, :2, 0, 0], centres[2, 1])
 
 
 def test_box_filter_averages_each_match_over_both_grids_neighbourhoods() -> None:
@@ -655,6 +658,31 @@ def test_cost_knobs_keep_the_contract_and_train() -> None:
     assert model.aligner.enc1[0].out_channels == 8
     assert model.adapter.refine is None
     assert ModelConfig.from_dict(small.to_dict()) == small
+
+
+def test_features_skip_the_backbone_normalisation_only_when_scale_invariant() -> None:
+    """Without the adapter MLP, `features` folds the gains into the projection and skips the
+    backbone's normalisation: the values of adapt(backbone_features) to 1e-6, with the
+    gradient reaching the gains and the projection; with the MLP it is the plain chain."""
+    torch.manual_seed(0)
+    for refine in (False, True):
+        config = ModelConfig(input_size=(64, 64), feature_dim=344, adapter_refine=refine)
+        model = JLAD(config, pretrained=False).eval()
+        with torch.no_grad():  # non-trivial gains and a projection far from the identity
+            model.adapter.log_gains.normal_()
+            model.adapter.project.weight.normal_()
+        image = torch.rand(2, 3, 64, 64)
+        expected = model.adapt(model.backbone_features(image))
+        features = model.features(image)
+        torch.testing.assert_close(features, expected, rtol=0, atol=1e-6)
+        assert model.adapter.scale_invariant is not refine
+    plain = JLAD(ModelConfig(input_size=(64, 64), adapter_refine=False), pretrained=False)
+    plain.features(torch.rand(1, 3, 64, 64)).pow(3).sum().backward()
+    for name in ("adapter.log_gains", "adapter.project.weight"):
+        grad = dict(plain.named_parameters())[name].grad
+        assert grad is not None and float(grad.abs().sum()) > 0, name
+    with pytest.raises(ValueError, match="residual MLP"):
+        model.adapter.folded_forward(torch.rand(1, 344, 8, 8))
 
 
 def test_torchvision_format_weights_load_from_a_local_file(tmp_path: object) -> None:
