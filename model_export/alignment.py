@@ -100,11 +100,19 @@ def position_moments(weights: Tensor, centres: Tensor) -> Tensor:
     ReduceSum took 1.19).
     """
     b, n, h, w = weights.shape
-    # from `centres` alone (no traced shape): the exported graph holds the (3, N) matrix as
-    # one constant, which int8 quantization must see as fixed (`quantize.similarity_products`)
-    ones = torch.ones_like(centres[..., :1])
-    rows = torch.cat([centres, ones], dim=-1).reshape(-1, 3).transpose(0, 1)
+    rows = moment_matrix(centres).transpose(0, 1)
     return torch.matmul(rows, weights.reshape(b, n, h * w)).reshape(b, 3, h, w)
+
+
+def moment_matrix(centres: Tensor) -> Tensor:
+    """Cell centres (ht, wt, 2) -> (ht*wt, 3) rows (x, y, 1): a product with weights over
+    the cells gives the two weighted coordinate sums and the sum of the weights at once.
+
+    Built from `centres` alone (no traced shape), so that the exported graph holds it as one
+    constant, which int8 quantization must see as fixed (`quantize.similarity_products`).
+    """
+    ones = torch.ones_like(centres[..., :1])
+    return torch.cat([centres, ones], dim=-1).reshape(-1, 3)
 
 
 def reverse_mapping(scores: Tensor, beta: Tensor | float, grid_size: tuple[int, int]) -> Tensor:
@@ -113,8 +121,8 @@ def reverse_mapping(scores: Tensor, beta: Tensor | float, grid_size: tuple[int, 
 
     The softmax runs over the volume's last two axes as they lie (max over contiguous
     memory, then one (N, h*w) x (h*w, 3) product whose third column is the sum) rather than
-    over axis 1 of the
-    transposed volume: the 1024 x 1024 transpose and the strided max cost ~7 ms per 4 pairs.
+    over axis 1 of the transposed volume: the 1024 x 1024 transpose and the strided max cost
+    ~7 ms per 4 pairs.
     """
     return reverse_expectation(scores * beta, grid_size)
 
@@ -124,9 +132,7 @@ def reverse_expectation(logits: Tensor, grid_size: tuple[int, int]) -> Tensor:
     h, w = grid_size
     b, n = logits.shape[:2]
     e = torch.exp(logits - logits.amax(dim=(2, 3), keepdim=True)).reshape(b, n, h * w)
-    centres = cell_centres(h, w, like=logits).reshape(h * w, 2)
-    columns = torch.cat([centres, centres.new_ones(h * w, 1)], dim=1)  # the sum rides along
-    moments = torch.matmul(e, columns)  # (B, ht*wt, 3)
+    moments = torch.matmul(e, moment_matrix(cell_centres(h, w, like=logits)))  # (B, ht*wt, 3)
     expected = moments[..., :2] / moments[..., 2:]
     return expected.transpose(1, 2).reshape(b, 2, h, w)
 

@@ -153,9 +153,12 @@ class FeatureAdapter(nn.Module):
         """The weight of each depth, (groups,)."""
         return self.log_gains.exp()
 
+    def channel_scale(self) -> Tensor:
+        """Each input channel's depth gain, (1, cin, 1, 1)."""
+        return (self.gains() @ self.membership).view(1, -1, 1, 1)
+
     def forward(self, x: Tensor) -> Tensor:
-        scale = (self.gains() @ self.membership).view(1, -1, 1, 1)
-        y = self.project(x * scale)
+        y = self.project(x * self.channel_scale())
         if self.refine is not None:
             y = y + self.refine(y)
         return l2_normalise(y)
@@ -173,8 +176,7 @@ class FeatureAdapter(nn.Module):
         exported graph then holds the folded weights as one constant)."""
         if not self.scale_invariant:
             raise ValueError("the residual MLP is not folded; call forward")
-        scale = (self.gains() @ self.membership).view(1, -1, 1, 1)
-        return l2_normalise(F.conv2d(x, self.project.weight * scale))
+        return l2_normalise(F.conv2d(x, self.project.weight * self.channel_scale()))
 
 
 class JLAD(nn.Module):
@@ -241,9 +243,13 @@ class JLAD(nn.Module):
         self.backbone.eval()  # frozen: BatchNorm keeps its ImageNet statistics
         return self
 
+    def imagenet_normalised(self, image: Tensor) -> Tensor:
+        """(B, 3, H, W) RGB in [0, 1] -> the trunk's input (ImageNet mean and std)."""
+        return (image - self.mean) / self.std
+
     def backbone_features(self, image: Tensor) -> Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> frozen backbone features (B, C0, h, w), unit length."""
-        return l2_normalise(self.backbone((image - self.mean) / self.std))
+        return l2_normalise(self.backbone(self.imagenet_normalised(image)))
 
     def adapt(self, backbone_features: Tensor) -> Tensor:
         """Backbone features (B, C0, h, w) -> the model's features (B, C, h, w)."""
@@ -257,7 +263,7 @@ class JLAD(nn.Module):
         if not self._trained_backbone:
             return self.backbone_features(image)
         assert isinstance(self.backbone, EfficientNetLite)
-        return self.backbone.lower((image - self.mean) / self.std)
+        return self.backbone.lower(self.imagenet_normalised(image))
 
     def features_from_cache(self, cached: Tensor) -> Tensor:
         """`cacheable_features` output -> the model's features (B, C, h, w)."""
@@ -280,7 +286,7 @@ class JLAD(nn.Module):
         """
         if not self.adapter.scale_invariant:
             return self.adapt(self.backbone_features(image))
-        return self.adapter.folded_forward(self.backbone((image - self.mean) / self.std))
+        return self.adapter.folded_forward(self.backbone(self.imagenet_normalised(image)))
 
     def landmarks(self, features: Tensor) -> dict[str, Tensor]:
         """W_D: heatmaps (B, K, h, w), points (B, K, 2) normalised (x, y), confidence (B, K)."""
