@@ -105,7 +105,7 @@ class Settings(BaseSettings):
         default=5.0,
         ge=0,
         description="How long a batch waits for company after its first job (not at all "
-        "for a job that finds the service quiet).",
+        "for a job that finds no job waiting and no batch running).",
     )
     max_queue: int = Field(
         default=64, ge=1, description="Jobs allowed to wait; beyond this -> 429."

@@ -228,9 +228,12 @@ class Worker:
     def collect_batch(self, stop: threading.Event | None = None) -> list[Delivery]:
         """The next batch: held-over and taken-over jobs first, then new ones.
 
-        Waits up to IDLE_BLOCK_MS for a first job (returns [] if none came), then up to
-        max_wait_ms for more, until max_batch_size images are gathered. Expired and
-        unreadable entries are finished on the way and take no room.
+        Jobs already queued gather for up to max_wait_ms more, until max_batch_size images
+        are gathered. With none queued it waits up to IDLE_BLOCK_MS for one (returns [] if
+        none came); jobs that find the worker idle like this run at once, as in the
+        in-process batcher (`service.batching`): waiting for company would add max_wait_ms
+        to every request of a client that sends one at a time. Expired and unreadable
+        entries are finished on the way and take no room.
         """
         capacity = self.settings.max_batch_size
         batch: list[Delivery] = []
@@ -241,9 +244,14 @@ class Worker:
         gather_until = time.monotonic() + self.settings.max_wait_ms / 1000 if batch else None
         while images < capacity and not (stop is not None and stop.is_set()):
             if gather_until is None:
-                fresh = self._read_new(capacity - images, IDLE_BLOCK_MS)
+                fresh = self._read_new(capacity - images, None)
                 if not fresh:
-                    break
+                    fresh = self._read_new(capacity - images, IDLE_BLOCK_MS)
+                    if not fresh:
+                        break
+                    if self._fill(batch, images, fresh):
+                        break  # found the worker idle: no waiting for company
+                    continue
             else:
                 # Redis checks BLOCK timeouts only on its cron tick (every 100 ms at the
                 # default hz 10), so a short BLOCK would overshoot max_wait: poll instead.

@@ -128,6 +128,39 @@ def test_expired_job_gets_504_in_time_and_takes_no_batch_slot(
     worker.close()
 
 
+def test_a_job_that_finds_the_worker_idle_runs_at_once_and_a_backlog_gathers(
+    model_dir: Path, server: RedisServer, engine: InferenceEngine, pool: ThreadPoolExecutor
+) -> None:
+    """The gather window is for jobs that queue behind others: one sent to an idle worker
+    (a one-at-a-time client) is taken without waiting `max_wait_ms` for company."""
+    window_s = 3.0
+    settings = queue_settings(model_dir, server.url, max_wait_ms=window_s * 1000)
+    worker = make_worker(settings, engine, "w")
+    with serve(settings) as api:
+        # a backlog: the job is queued before the worker reads, so it waits for company
+        first: Future[httpx.Response] = pool.submit(post_image, api.url)
+        queued(server, settings, 1)
+        started = time.monotonic()
+        batch = worker.collect_batch()
+        assert len(batch) == 1 and time.monotonic() - started >= window_s
+        worker.process(batch)
+        assert first.result(timeout=30).status_code == 200
+        # idle: the worker is blocked reading when the job comes
+        second: Future[httpx.Response] = pool.submit(
+            lambda: (time.sleep(0.2), post_image(api.url))[1]
+        )
+        started = time.monotonic()
+        batch = []
+        while not batch and time.monotonic() - started < 10:
+            batch = worker.collect_batch()
+        assert len(batch) == 1
+        assert time.monotonic() - started < window_s, "an idle worker's job waited for company"
+        worker.process(batch)
+        assert second.result(timeout=30).status_code == 200
+    assert_queue_empty(server, settings)
+    worker.close()
+
+
 def test_full_queue_answers_429_with_retry_after(
     model_dir: Path, server: RedisServer, engine: InferenceEngine, pool: ThreadPoolExecutor
 ) -> None:

@@ -114,6 +114,20 @@ async def test_a_job_on_a_quiet_service_does_not_wait_for_companions() -> None:
     assert [len(b) for b in engine.batches] == [1, 4]
 
 
+async def test_a_one_at_a_time_client_never_waits_for_companions() -> None:
+    # Each job arrives right after the previous one was answered, well inside the window:
+    # the batcher is idle every time, so none waits (the rule used to be "no arrival in the
+    # last max_wait_s", and every other job of a fast model's client waited it out).
+    engine = EchoEngine()
+    batcher = make(engine, max_wait_s=1.0)
+    await batcher.start()
+    for i in range(3):
+        result = await asyncio.wait_for(batcher.submit(job(i)), timeout=0.5)
+        assert tag_of(result) == i
+    await batcher.close(1)
+    assert [len(b) for b in engine.batches] == [1, 1, 1]
+
+
 async def test_batches_hold_one_model_only() -> None:
     engine = EchoEngine()
     batcher = make(engine, max_wait_s=0.1)
