@@ -13,8 +13,9 @@ only client, so the Python API processes are what saturates. Scenarios, in order
    model): per endpoint / answer format (landmarks npz, landmarks JSON, correspond npz), a
    level at concurrency 1 (latency; overhead = mean latency - mean batch run time from the
    process's own /metrics) and closed-loop levels at `--concurrency` (best = saturation).
-2. `redis`: a private redis-server, `--workers` queue workers (2: one worker alone was the
-   limit at ~180 req/s), and the API with
+2. `redis`: a private redis-server, `--workers` queue workers (default 1: on two cores a
+   second worker only splits the batches, 1.16-1.24x against 1.27-1.30x with one in
+   alternating runs, docs/BENCH.md), and the API with
    JLAD_API_PROCESSES=1, then 2, then 1 again (the bracket): landmarks npz at saturation;
    target: 2 processes >= 1.6x the mean of the two 1-process runs.
 
@@ -389,8 +390,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--workers",
         type=int,
-        default=2,
-        help="queue workers (one null-model worker tops out near the API's rate)",
+        default=1,
+        help="queue workers (one null-model worker keeps up with two API processes on two "
+        "cores; more only split its batches)",
     )
     parser.add_argument(
         "--inference-nice", type=int, help="JLAD_INFERENCE_NICE of the services (default: theirs)"
