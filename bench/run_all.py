@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -40,7 +41,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench import pyspy, targets
+from bench import ceiling, pyspy, targets
 from bench.common import machine_info, parse_int_list, write_json
 from bench.loadgen import LevelResult, Payload, Target, build_payload, fixed_rate, sweep
 from bench.raw_onnx import RawGraphs, measure, measure_all, raw_result, spinning_comparison
@@ -429,9 +430,14 @@ def run_local(run: Run, with_load: bool) -> None:
         about: dict[str, Any] = {"queue": "local", "batching": True, "apis": 1}
         for endpoint, response in LOCAL_SWEEPS:
             concurrencies = cfg.concurrency if endpoint == "landmarks" else cfg.pair_concurrency
-            run.sweep(
+            doc = run.sweep(
                 "in-process", target, endpoint, response, concurrencies, bracket_raw=True, **about
             )
+            if 1 in concurrencies and shutil.which("wrk"):
+                # c=1 once more with a client that costs (almost) nothing: targets.py
+                doc["wrk_c1"] = ceiling.level(
+                    url, url, run.payload(endpoint, response), 1, cfg.seconds, cfg.warmup_s
+                )
         if with_load:
             run_load(run, target)
         if cfg.profile:

@@ -183,6 +183,17 @@ def test_targets_compare_with_the_paired_raw_figures() -> None:
     in_run = targets.in_run_overhead_check(scenario)
     assert in_run.measured == pytest.approx(3.5)
     assert in_run.passed is True
+    # wrk's c=1 level wins where the run had it; the Python client's figure stays in sight
+    scenario["wrk_c1"] = {
+        "overhead_ms": 2.25,
+        "mean_us": 101_750.0,
+        "batch_mean_ms": 99.5,
+        "requests": 40,
+    }
+    in_run = targets.in_run_overhead_check(scenario)
+    assert in_run.measured == pytest.approx(2.25)
+    assert "wrk, 1 connection" in in_run.detail
+    assert "the Python client at c=1: 3.50 ms" in in_run.detail
 
     moderate = targets.moderate_load_check(
         _level(latency={"p50_ms": 300.0, "p99_ms": 800.0}), scenario, raw, 8, 5.0
@@ -364,6 +375,11 @@ def test_run_all_quick_measures_every_scenario(model_dir: Path, tmp_path: Path) 
         for level in scenario["levels"]:
             assert level["statuses"].get("200", 0) > 0, (scenario["name"], level["statuses"])
             assert level["batch"]["batches"] > 0
+    if shutil.which("wrk"):  # .ci/run installs it; c=1 is measured with it once more
+        for scenario in results["scenarios"]:
+            if scenario["name"] == "in-process":
+                assert scenario["wrk_c1"]["ok"] > 0, scenario["wrk_c1"]
+                assert scenario["wrk_c1"]["overhead_ms"] is not None
     assert [item["fraction"] for item in results["load"]] == [1.5, 0.8]
     assert {t["name"] for t in results["targets"]} >= {
         "throughput landmarks npz / raw",
