@@ -92,7 +92,8 @@ if [ "$CEILING" = 1 ]; then
         if [ -n "${QUICK:-}" ]; then
             ceiling+=(--cases landmarks-npz --concurrency 8 --redis-concurrency 8 --seconds 1 --warmup 1)
         else
-            ceiling+=(--concurrency 8,32,64 --redis-concurrency 32,64)
+            # two queue workers: on 16 cores each has a core of its own (on two, one is better)
+            ceiling+=(--concurrency 8,32,64 --redis-concurrency 32,64 --workers 2)
         fi
         "$PY" -m bench.ceiling "${ceiling[@]}" || status=$?
     else
