@@ -113,6 +113,7 @@ class Batcher:
             "kind": self.kind,
             "accepting": self.ready,
             "queue_depth": len(self._pending),
+            "running_jobs": len(self._running),
             "max_queue": self.max_queue,
             "max_batch_size": self.max_batch_size,
             "max_wait_ms": self.max_wait_s * 1000,

@@ -22,6 +22,7 @@ from PIL import Image
 from skimage import data
 
 from service.app import create_app, uvicorn_config
+from service.batching import Batcher
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -156,8 +157,26 @@ def assert_problem(response: httpx.Response, status: int, kind: str) -> dict[str
     return body
 
 
-def hold_next_job(client: httpx.Client) -> None:
-    """Answer one request now, so that the next job arriving within the batching window does
-    not find the service quiet and waits the window for company (service.batching)."""
-    primer = client.post("/landmarks", files={"image": ("c.png", encode(chelsea()))})
-    assert primer.status_code == 200, primer.text
+@contextmanager
+def inference_held(server: RunningServer) -> Iterator[None]:
+    """Keep the in-process batcher's inference thread busy until the block ends.
+
+    The next job then becomes a batch that cannot start, and the jobs after it wait in the
+    queue, as they do behind a long batch (a job that finds the batcher idle runs at once:
+    service.batching). A real thread held on an event; nothing is mocked.
+    """
+    dispatcher = server.state.dispatcher
+    assert isinstance(dispatcher, Batcher) and dispatcher._executor is not None
+    started, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        release.wait(60)
+
+    held = dispatcher._executor.submit(hold)
+    assert started.wait(10), "the inference thread never took the hold"
+    try:
+        yield
+    finally:
+        release.set()
+        held.result(timeout=10)

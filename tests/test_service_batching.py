@@ -99,7 +99,7 @@ async def test_concurrent_jobs_share_batches_and_get_their_own_results() -> None
     assert sum(len(b) for b in engine.batches) == 20
 
 
-async def test_a_job_on_a_quiet_service_does_not_wait_for_companions() -> None:
+async def test_a_job_that_finds_the_batcher_idle_does_not_wait_for_companions() -> None:
     engine = EchoEngine()
     batcher = make(engine, max_wait_s=1.0)
     await batcher.start()

@@ -22,7 +22,7 @@ from tests.service_support import (
     chelsea,
     coffee,
     encode,
-    hold_next_job,
+    inference_held,
     serve,
     service_settings,
 )
@@ -98,8 +98,8 @@ def test_simultaneous_clients_get_their_own_results_in_shared_batches(
 
 @pytest.fixture(scope="module")
 def tight(model_dir: Path) -> Iterator[RunningServer]:
-    """One job may wait, and a one-image job that follows another within 1.5 s waits 1.5 s
-    for company (`hold_next_job`); a job on a quiet service runs at once."""
+    """One job may wait; with the inference thread held (`inference_held`) the first job
+    becomes a batch that cannot start and the next one waits in the queue."""
     settings = service_settings(
         model_dir,
         models=["faces"],
@@ -118,25 +118,38 @@ def queue_depth(server: RunningServer) -> int:
     return int(dispatcher.describe()["queue_depth"])
 
 
-def wait_for_depth(server: RunningServer, depth: int, timeout_s: float = 10) -> None:
+def wait_for_depth(
+    server: RunningServer, depth: int, timeout_s: float = 10, running: int | None = None
+) -> None:
+    """Until `depth` jobs wait in the queue (and, if given, `running` are in the batch that
+    runs)."""
+    dispatcher = server.state.dispatcher
+    assert dispatcher is not None
     deadline = time.monotonic() + timeout_s
-    while queue_depth(server) != depth:
-        assert time.monotonic() < deadline, f"queue depth never reached {depth}"
+    while True:
+        state = dispatcher.describe()
+        if state["queue_depth"] == depth and running in (None, state["running_jobs"]):
+            return
+        assert time.monotonic() < deadline, f"queue never reached {depth} waiting, {state}"
         time.sleep(0.01)
 
 
 def test_full_queue_answers_429_with_retry_after_and_drops_nothing(tight: RunningServer) -> None:
     image = {"image": ("c.png", encode(chelsea()))}
     with tight.client() as first_client, tight.client() as second_client:
-        with ThreadPoolExecutor(1) as pool:
-            hold_next_job(first_client)
-            first = pool.submit(first_client.post, "/landmarks", files=image)
-            wait_for_depth(tight, 1)
-            refused = second_client.post("/landmarks", files=image)
-            body = assert_problem(refused, 429, "queue-full")
-            assert int(refused.headers["retry-after"]) >= 1
-            assert body["retry_after_s"] >= 1
+        with ThreadPoolExecutor(2) as pool:
+            with inference_held(tight):
+                running = pool.submit(first_client.post, "/landmarks", files=image)
+                wait_for_depth(tight, 0, running=1)
+                first = pool.submit(second_client.post, "/landmarks", files=image)
+                wait_for_depth(tight, 1)
+                with tight.client() as third_client:
+                    refused = third_client.post("/landmarks", files=image)
+                body = assert_problem(refused, 429, "queue-full")
+                assert int(refused.headers["retry-after"]) >= 1
+                assert body["retry_after_s"] >= 1
             answered = first.result(timeout=30)
+            assert running.result(timeout=30).status_code == 200
         assert answered.status_code == 200, answered.text
     assert queue_depth(tight) == 0
     text = httpx.get(tight.url + "/metrics").text
@@ -149,15 +162,18 @@ def test_full_queue_refuses_before_parsing_or_decoding_the_upload(tight: Running
     # examined and answered 422 / 415.
     image = {"image": ("c.png", encode(chelsea()))}
     garbage = {"image": ("c.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")}
+    not_a_form = {"content": b"not a form", "headers": {"Content-Type": "text/plain"}}
     with tight.client() as first_client, tight.client() as second_client:
-        with ThreadPoolExecutor(1) as pool:
-            hold_next_job(first_client)
-            first = pool.submit(first_client.post, "/landmarks", files=image)
-            wait_for_depth(tight, 1)
-            assert_problem(second_client.post("/landmarks", files=garbage), 429, "queue-full")
-            not_a_form = {"content": b"not a form", "headers": {"Content-Type": "text/plain"}}
-            assert_problem(second_client.post("/landmarks", **not_a_form), 429, "queue-full")
+        with ThreadPoolExecutor(2) as pool:
+            with inference_held(tight):
+                running = pool.submit(first_client.post, "/landmarks", files=image)
+                wait_for_depth(tight, 0, running=1)
+                first = pool.submit(first_client.post, "/landmarks", files=image)
+                wait_for_depth(tight, 1)
+                assert_problem(second_client.post("/landmarks", files=garbage), 429, "queue-full")
+                assert_problem(second_client.post("/landmarks", **not_a_form), 429, "queue-full")
             assert first.result(timeout=30).status_code == 200
+            assert running.result(timeout=30).status_code == 200
         assert_problem(second_client.post("/landmarks", files=garbage), 422, "corrupt-image")
         assert_problem(
             second_client.post("/landmarks", **not_a_form), 415, "unsupported-media-type"
@@ -166,13 +182,18 @@ def test_full_queue_refuses_before_parsing_or_decoding_the_upload(tight: Running
 
 def test_deadline_passing_in_the_queue_answers_504(tight: RunningServer) -> None:
     image = {"image": ("c.png", encode(chelsea()))}
-    with tight.client() as client:
-        hold_next_job(client)
-        started = time.monotonic()
-        r = client.post("/landmarks", files=image, headers={"X-Deadline-Ms": "400"})
-        elapsed = time.monotonic() - started
-        assert_problem(r, 504, "deadline-exceeded")
-        assert elapsed < 1.4  # answered at the deadline, not after the batch would have run
+    with tight.client() as client, tight.client() as other:
+        with ThreadPoolExecutor(1) as pool:
+            with inference_held(tight):
+                running = pool.submit(other.post, "/landmarks", files=image)
+                wait_for_depth(tight, 0, running=1)
+                started = time.monotonic()
+                r = client.post("/landmarks", files=image, headers={"X-Deadline-Ms": "400"})
+                elapsed = time.monotonic() - started
+                assert_problem(r, 504, "deadline-exceeded")
+                # answered at the deadline, not after the batch would have run
+                assert elapsed < 1.4
+            assert running.result(timeout=30).status_code == 200
         wait_for_depth(tight, 0)
         ok = client.post("/landmarks", files=image)
         assert ok.status_code == 200

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ from typing import BinaryIO
 import httpx
 import pytest
 
-from tests.service_support import chelsea, encode, free_port, hold_next_job
+from tests.service_support import chelsea, encode, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +30,6 @@ def start_service(model_dir: Path, port: int, log: BinaryIO) -> subprocess.Popen
         "JLAD_MODELS": "faces",
         "JLAD_DEFAULT_MODEL": "faces",
         "JLAD_INTRA_OP_THREADS": "1",
-        # A lone one-image job waits this long for company: the request is surely in flight.
-        "JLAD_MAX_WAIT_MS": "1500",
         "JLAD_MAX_BATCH_SIZE": "4",
         "JLAD_SHUTDOWN_GRACE_S": "20",
         "OMP_NUM_THREADS": "1",
@@ -76,24 +75,33 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(
     process, url, log_path = service
     wait_ready(url, process)
     image = encode(chelsea())
-    # A job right after another waits the 1.5 s batching window (a lone one on a quiet
-    # service would run at once), which leaves time to send SIGTERM while it is queued.
-    with httpx.Client(base_url=url, timeout=60) as client:
-        hold_next_job(client)
+    # The request is in flight when SIGTERM comes: its upload stops halfway and resumes
+    # only once new connections are being refused, so it is decoded, batched and run while
+    # the process drains (a job waiting in the batcher at shutdown is drained too:
+    # tests/test_service_batching.py).
+    request = httpx.Request("POST", url + "/landmarks", files={"image": ("c.png", image)})
+    body = request.read()
+    headers = {"content-type": request.headers["content-type"], "content-length": str(len(body))}
+    half_sent, finish = threading.Event(), threading.Event()
+
+    def slowly() -> Iterator[bytes]:
+        yield body[: len(body) // 2]
+        half_sent.set()
+        finish.wait(30)
+        yield body[len(body) // 2 :]
+
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(
-            httpx.post, url + "/landmarks", files={"image": ("c.png", image)}, timeout=60
+            httpx.post, url + "/landmarks", content=slowly(), headers=headers, timeout=60
         )
-        # Wait until the job sits in the batcher's queue, then ask the process to stop.
-        deadline = time.monotonic() + 20
-        while "jlad_queue_depth 1.0" not in httpx.get(url + "/metrics").text:
-            assert time.monotonic() < deadline, "the request never reached the queue"
-            time.sleep(0.01)
+        assert half_sent.wait(20), "the upload never started"
+        time.sleep(0.2)  # the server has the headers and half the body
         process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         # New connections are refused while the old request drains.
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/healthz", timeout=2)
+        finish.set()
         answer = in_flight.result(timeout=60)
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["landmarks"]) > 0
