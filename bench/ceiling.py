@@ -16,8 +16,9 @@ only client, so the Python API processes are what saturates. Scenarios, in order
 2. `redis`: a private redis-server, `--workers` queue workers (default 1: on two cores a
    second worker only splits the batches, 1.16-1.24x against 1.27-1.30x with one in
    alternating runs, docs/BENCH.md), and the API with
-   JLAD_API_PROCESSES=1, then 2, then 1 again (the bracket): landmarks npz at saturation;
-   target: 2 processes >= 1.6x the mean of the two 1-process runs.
+   JLAD_API_PROCESSES=1, then 2, then 1 again (the bracket): landmarks npz at c=1 (the
+   queue's own latency) and at saturation; target: 2 processes >= 1.6x the mean of the
+   two 1-process runs.
 
 Targets (issue 16): one API process >= 300 req/s for landmarks npz; two >= 1.6x one.
 """
@@ -261,7 +262,8 @@ def profile(
 
 
 def run_redis(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str, Any]:
-    """API processes 1, 2, 1 in front of `--workers` Redis queue workers, landmarks npz."""
+    """API processes 1, 2, 1 in front of `--workers` Redis queue workers, landmarks npz at
+    c=1 and at saturation."""
     payload = build_payload("landmarks", "npz")
     runs: list[dict[str, Any]] = []
     with Stack(out / "logs" / "redis") as stack:
@@ -285,6 +287,8 @@ def run_redis(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str,
                     "workers": [w.pid for w, _ in workers],
                     "redis": redis_pids,
                 }
+                # c=1 through the queue: API -> Redis -> worker -> Redis -> API
+                one = level(url, worker_url, payload, 1, args.seconds, args.warmup)
                 best = max(
                     (
                         level(
@@ -301,7 +305,7 @@ def run_redis(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str,
                     ),
                     key=lambda f: f["ok_rps"],
                 )
-                runs.append({"api_processes": processes, "saturation": best})
+                runs.append({"api_processes": processes, "c1": one, "saturation": best})
     ones = [r["saturation"]["ok_rps"] for r in runs if r["api_processes"] == 1]
     twos = [r["saturation"]["ok_rps"] for r in runs if r["api_processes"] == 2]
     ratio = (sum(twos) / len(twos)) / (sum(ones) / len(ones)) if ones and twos else None
@@ -334,8 +338,15 @@ def report(results: dict[str, Any]) -> str:
     redis = results.get("redis")
     if redis:
         for r in redis["runs"]:
+            one = r.get("c1") or {}
+            c1 = (
+                f"{one['p50_us'] / 1000:.2f} | {one['mean_us'] / 1000:.2f} | "
+                f"{one.get('batch_mean_ms') or 0:.2f} | {one.get('overhead_ms') or 0:.2f}"
+                if one
+                else " | | "
+            )
             lines.append(
-                f"| redis, {r['api_processes']} API process(es), landmarks-npz | | | | | "
+                f"| redis, {r['api_processes']} API process(es), landmarks-npz | {c1} | "
                 f"{r['saturation']['ok_rps']:.0f} ({r['saturation']['connections']}) | "
                 f"{r['saturation']['p99_us'] / 1000:.1f} |"
             )

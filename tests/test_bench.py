@@ -595,6 +595,28 @@ def test_ceiling_runs_wrk_against_a_real_service_with_the_null_model(tmp_path: P
     assert not list((tmp_path / "null-models").glob("*/*/int8"))
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk)")
+def test_ceiling_measures_the_redis_queue_at_c1_and_at_saturation(tmp_path: Path) -> None:
+    """The Redis scenario, tiny: a private redis-server, one worker, one API process; the
+    c=1 level's batches come from the worker's /metrics."""
+    from bench.ceiling import main as ceiling_main
+
+    results = ceiling_main(
+        [
+            *("--out", str(tmp_path), "--scenarios", "redis", "--api-processes", "1"),
+            *("--redis-concurrency", "4", "--seconds", "1", "--warmup", "0.5"),
+        ]
+    )
+    (run,) = results["redis"]["runs"]
+    assert run["api_processes"] == 1
+    assert run["c1"]["ok"] > 0 and run["c1"]["requests"] == run["c1"]["ok"]
+    assert run["c1"]["batch_mean_ms"] is not None and run["c1"]["overhead_ms"] > 0
+    assert run["saturation"]["ok_rps"] > 0
+    row = next(r for r in (tmp_path / "ceiling.md").read_text().splitlines() if "redis" in r)
+    assert row.split("|")[2].strip(), "the c=1 columns of the Redis row are filled"
+
+
 def test_cost_ratios_time_every_line_against_the_bare_trunk(
     model_dir: Path, tmp_path: Path
 ) -> None:
