@@ -6,7 +6,8 @@ import base64
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -134,23 +135,34 @@ def wait_for_depth(
         time.sleep(0.01)
 
 
+@contextmanager
+def queue_filled(server: RunningServer, files: dict[str, Any]) -> Iterator[list[Future[Any]]]:
+    """With the inference thread held, one request becomes the batch that cannot start and
+    a second waits in the queue (`tight` allows one): the queue is full until the block
+    ends. Yields the two requests' futures, which are answered once it has ended."""
+    # exits in reverse: the hold ends, the pool waits for the two answers, the clients close
+    with (
+        server.client() as a,
+        server.client() as b,
+        ThreadPoolExecutor(2) as pool,
+        inference_held(server),
+    ):
+        running = pool.submit(a.post, "/landmarks", files=files)
+        wait_for_depth(server, 0, running=1)
+        waiting = pool.submit(b.post, "/landmarks", files=files)
+        wait_for_depth(server, 1)
+        yield [running, waiting]
+
+
 def test_full_queue_answers_429_with_retry_after_and_drops_nothing(tight: RunningServer) -> None:
     image = {"image": ("c.png", encode(chelsea()))}
-    with tight.client() as first_client, tight.client() as second_client:
-        with ThreadPoolExecutor(2) as pool:
-            with inference_held(tight):
-                running = pool.submit(first_client.post, "/landmarks", files=image)
-                wait_for_depth(tight, 0, running=1)
-                first = pool.submit(second_client.post, "/landmarks", files=image)
-                wait_for_depth(tight, 1)
-                with tight.client() as third_client:
-                    refused = third_client.post("/landmarks", files=image)
-                body = assert_problem(refused, 429, "queue-full")
-                assert int(refused.headers["retry-after"]) >= 1
-                assert body["retry_after_s"] >= 1
-            answered = first.result(timeout=30)
-            assert running.result(timeout=30).status_code == 200
-        assert answered.status_code == 200, answered.text
+    with queue_filled(tight, image) as held, tight.client() as client:
+        refused = client.post("/landmarks", files=image)
+        body = assert_problem(refused, 429, "queue-full")
+        assert int(refused.headers["retry-after"]) >= 1
+        assert body["retry_after_s"] >= 1
+    for answer in held:
+        assert answer.result(timeout=30).status_code == 200
     assert queue_depth(tight) == 0
     text = httpx.get(tight.url + "/metrics").text
     assert 'jlad_rejected_jobs_total{reason="queue_full"} 1.0' in text
@@ -163,21 +175,14 @@ def test_full_queue_refuses_before_parsing_or_decoding_the_upload(tight: Running
     image = {"image": ("c.png", encode(chelsea()))}
     garbage = {"image": ("c.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")}
     not_a_form = {"content": b"not a form", "headers": {"Content-Type": "text/plain"}}
-    with tight.client() as first_client, tight.client() as second_client:
-        with ThreadPoolExecutor(2) as pool:
-            with inference_held(tight):
-                running = pool.submit(first_client.post, "/landmarks", files=image)
-                wait_for_depth(tight, 0, running=1)
-                first = pool.submit(first_client.post, "/landmarks", files=image)
-                wait_for_depth(tight, 1)
-                assert_problem(second_client.post("/landmarks", files=garbage), 429, "queue-full")
-                assert_problem(second_client.post("/landmarks", **not_a_form), 429, "queue-full")
-            assert first.result(timeout=30).status_code == 200
-            assert running.result(timeout=30).status_code == 200
-        assert_problem(second_client.post("/landmarks", files=garbage), 422, "corrupt-image")
-        assert_problem(
-            second_client.post("/landmarks", **not_a_form), 415, "unsupported-media-type"
-        )
+    with tight.client() as client:
+        with queue_filled(tight, image) as held:
+            assert_problem(client.post("/landmarks", files=garbage), 429, "queue-full")
+            assert_problem(client.post("/landmarks", **not_a_form), 429, "queue-full")
+        for answer in held:
+            assert answer.result(timeout=30).status_code == 200
+        assert_problem(client.post("/landmarks", files=garbage), 422, "corrupt-image")
+        assert_problem(client.post("/landmarks", **not_a_form), 415, "unsupported-media-type")
 
 
 def test_deadline_passing_in_the_queue_answers_504(tight: RunningServer) -> None:
