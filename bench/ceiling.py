@@ -312,6 +312,17 @@ def run_redis(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str,
     return {"runs": runs, "two_over_one": ratio}
 
 
+def _c1_cells(one: dict[str, Any] | None) -> str:
+    """The c=1 columns of a report row: p50, mean, batch run and overhead, in ms (empty for
+    a Redis run recorded before that level existed)."""
+    if one is None:
+        return " | | | "
+    return (
+        f"{one['p50_us'] / 1000:.2f} | {one['mean_us'] / 1000:.2f} | "
+        f"{one.get('batch_mean_ms') or 0:.2f} | {one.get('overhead_ms') or 0:.2f}"
+    )
+
+
 def report(results: dict[str, Any]) -> str:
     lines = [
         "| case | c=1 p50 ms | c=1 mean ms | c=1 batch ms | c=1 overhead ms | saturation "
@@ -319,10 +330,9 @@ def report(results: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for key, r in results.get("local", {}).items():
-        one, sat = r["c1"], r["saturation"]
+        sat = r["saturation"]
         lines.append(
-            f"| {key} | {one['p50_us'] / 1000:.2f} | {one['mean_us'] / 1000:.2f} | "
-            f"{one.get('batch_mean_ms') or 0:.2f} | {one.get('overhead_ms') or 0:.2f} | "
+            f"| {key} | {_c1_cells(r['c1'])} | "
             f"{sat['ok_rps']:.0f} ({sat['connections']}) | {sat['p99_us'] / 1000:.1f} |"
         )
     targets = []
@@ -338,15 +348,9 @@ def report(results: dict[str, Any]) -> str:
     redis = results.get("redis")
     if redis:
         for r in redis["runs"]:
-            one = r.get("c1") or {}
-            c1 = (
-                f"{one['p50_us'] / 1000:.2f} | {one['mean_us'] / 1000:.2f} | "
-                f"{one.get('batch_mean_ms') or 0:.2f} | {one.get('overhead_ms') or 0:.2f}"
-                if one
-                else " | | "
-            )
             lines.append(
-                f"| redis, {r['api_processes']} API process(es), landmarks-npz | {c1} | "
+                f"| redis, {r['api_processes']} API process(es), landmarks-npz | "
+                f"{_c1_cells(r.get('c1'))} | "
                 f"{r['saturation']['ok_rps']:.0f} ({r['saturation']['connections']}) | "
                 f"{r['saturation']['p99_us'] / 1000:.1f} |"
             )

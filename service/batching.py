@@ -8,9 +8,8 @@ runs at once: waiting for companions only pays when traffic is dense, and at low
 would add `max_wait_s` to every request. Idle, not "no arrival in the last `max_wait_s`": a
 client that sends its next request as soon as the last one is answered arrives within that
 window whenever the model is fast (a GPU, the bench's null model), and half of its requests
-waited the whole window (bench.ceiling, c=1). Every accepted
-job ends in exactly one way: its result, `DeadlineExceeded`, `InferenceFailed` or
-`ShuttingDown`; none is dropped silently.
+waited the whole window (bench.ceiling, c=1). Every accepted job ends in exactly one way: its
+result, `DeadlineExceeded`, `InferenceFailed` or `ShuttingDown`; none is dropped silently.
 """
 
 from __future__ import annotations

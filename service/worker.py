@@ -242,16 +242,15 @@ class Worker:
             held += self._take_over_abandoned()
         images = self._fill(batch, 0, held)
         gather_until = time.monotonic() + self.settings.max_wait_ms / 1000 if batch else None
+        idle = False
         while images < capacity and not (stop is not None and stop.is_set()):
             if gather_until is None:
                 fresh = self._read_new(capacity - images, None)
-                if not fresh:
+                idle = not fresh
+                if idle:
                     fresh = self._read_new(capacity - images, IDLE_BLOCK_MS)
                     if not fresh:
                         break
-                    if self._fill(batch, images, fresh):
-                        break  # found the worker idle: no waiting for company
-                    continue
             else:
                 # Redis checks BLOCK timeouts only on its cron tick (every 100 ms at the
                 # default hz 10), so a short BLOCK would overshoot max_wait: poll instead.
@@ -262,6 +261,8 @@ class Worker:
                 if not fresh:
                     time.sleep(min(remaining, self._gather_poll_s()))
             images = self._fill(batch, images, fresh)
+            if batch and idle:
+                break  # it found the worker idle: no waiting for company
             if batch and gather_until is None:
                 gather_until = time.monotonic() + self.settings.max_wait_ms / 1000
         return batch
