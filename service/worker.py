@@ -491,9 +491,11 @@ class Worker:
         """In one transaction: write the replies (and dead-letter records), then acknowledge
         and delete the entries. A worker dying before this leaves them to be taken over."""
         pipe = self.client.pipeline(transaction=True)
+        reply_keys: dict[str, None] = {}
         for delivery, fields in replies:
             if not delivery.reply_key:
                 continue
+            reply_keys[delivery.reply_key] = None
             reply: dict[bytes, bytes | str] = {
                 F_JOB: delivery.job_id,
                 F_WORKER: self.consumer,
@@ -505,7 +507,9 @@ class Worker:
                 maxlen=reply_maxlen(self.settings),
                 approximate=True,
             )
-            pipe.expire(delivery.reply_key, reply_ttl_s(self.settings))
+        # once per reply stream: a batch's replies mostly go to a few API processes
+        for key in reply_keys:
+            pipe.expire(key, reply_ttl_s(self.settings))
         for delivery, reason in dead:
             record = {
                 F_JOB: delivery.job_id,

@@ -21,6 +21,7 @@ import pytest
 from service.jobs import InferenceFailed, InferenceJob, InferenceResult
 from service.metrics import ServiceMetrics
 from service.queue import RedisDispatcher
+from service.redis_codec import encode_job
 from service.redis_support import QueueKeys, reply_ttl_s
 from service.runtime import InferenceEngine
 from service.settings import Settings
@@ -279,6 +280,40 @@ def test_unreadable_entry_gets_an_error_reply_and_the_worker_carries_on(
     assert reply[b"job"] == b"j1" and reply[b"status"] == b"dead-letter"
     assert b"unreadable" in reply[b"detail"]
     assert metrics_of(worker)['jlad_queue_dead_lettered_total{reason="unreadable"}'] == 1
+    assert_queue_empty(server, settings)
+    client.close()
+    worker.close()
+
+
+def test_one_batch_answers_two_api_processes_and_both_reply_streams_expire(
+    model_dir: Path, server: RedisServer, engine: InferenceEngine
+) -> None:
+    settings = queue_settings(model_dir, server.url, max_batch_size=4)
+    worker = make_worker(settings, engine, "w")
+    client = server.client()
+    (h, w) = engine.models["faces"].info.input_size
+    rng = np.random.default_rng(1)
+    reply_keys = [f"{settings.redis_stream}:replies:api-{i}" for i in range(2)]
+    for i, reply_key in enumerate(reply_keys * 2):
+        job = InferenceJob("faces", rng.integers(0, 256, (1, 3, h, w), np.uint8), landmarks=[0])
+        client.xadd(
+            settings.redis_stream,
+            {
+                "job": f"j{i}",
+                "reply": reply_key,
+                "deadline": repr(time.time() + 60),
+                "enqueued": repr(time.time()),
+                "images": "1",
+                "payload": encode_job(job),
+            },
+        )
+    batch = worker.collect_batch()
+    assert len(batch) == 4, "one batch holds the jobs of both API processes"
+    worker.process(batch)
+    for reply_key in reply_keys:
+        replies = client.xrange(reply_key)
+        assert [r[b"status"] for _, r in replies] == [b"ok", b"ok"], reply_key
+        assert 0 < client.ttl(reply_key) <= reply_ttl_s(settings), f"{reply_key} expires"
     assert_queue_empty(server, settings)
     client.close()
     worker.close()
