@@ -18,7 +18,8 @@ only client, so the Python API processes are what saturates. Scenarios, in order
    alternating runs, docs/BENCH.md), and the API with
    JLAD_API_PROCESSES=1, then 2, then 1 again (the bracket): landmarks npz at c=1 (the
    queue's own latency) and at saturation; target: 2 processes >= 1.6x the mean of the
-   two 1-process runs.
+   two 1-process runs. Then, beside it, what two CPU-bound Python processes do on this
+   host against one (bench/host_scaling.py): the ceiling of any two-process figure here.
 
 Targets (issue 16): one API process >= 300 req/s for landmarks npz; two >= 1.6x one.
 """
@@ -42,6 +43,7 @@ import redis
 
 from bench.common import machine_info, parse_int_list, write_json
 from bench.cpu_time import CpuMeter, per_request_ms
+from bench.host_scaling import two_process_scaling
 from bench.loadgen import Payload, build_payload, require_loopback
 from bench.null_model import NAME, write_null_repository
 from bench.pyspy import start_recording, top_frames
@@ -209,7 +211,9 @@ def level(
     return figures
 
 
-def null_settings(model_dir: Path, nice: int | None, **extra: str) -> dict[str, str]:
+def null_settings(
+    model_dir: Path, nice: int | None, max_wait_ms: float | None = None, **extra: str
+) -> dict[str, str]:
     settings = {
         "JLAD_MODEL_DIR": str(model_dir),
         "JLAD_MODELS": NAME,
@@ -221,6 +225,8 @@ def null_settings(model_dir: Path, nice: int | None, **extra: str) -> dict[str, 
     }
     if nice is not None:
         settings["JLAD_INFERENCE_NICE"] = str(nice)
+    if max_wait_ms is not None:
+        settings["JLAD_MAX_WAIT_MS"] = str(max_wait_ms)
     settings.update(extra)
     return settings
 
@@ -229,7 +235,8 @@ def run_local(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str,
     results: dict[str, Any] = {}
     with Stack(out / "logs" / "local") as stack:
         api, url = stack.api(
-            "api-local", null_settings(model_dir, args.inference_nice, JLAD_QUEUE="local")
+            "api-local",
+            null_settings(model_dir, args.inference_nice, args.max_wait_ms, JLAD_QUEUE="local"),
         )
         for endpoint, response in (c.split("-") for c in args.cases):
             payload = build_payload(endpoint, response)
@@ -271,7 +278,10 @@ def run_redis(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str,
         redis_pids = [p.pid for p in stack.processes if p.name.startswith("redis-")]
         queue = {"JLAD_QUEUE": "redis", "JLAD_REDIS_URL": redis_url}
         workers = [
-            stack.worker(f"worker-{i}", null_settings(model_dir, args.inference_nice, **queue))
+            stack.worker(
+                f"worker-{i}",
+                null_settings(model_dir, args.inference_nice, args.max_wait_ms, **queue),
+            )
             for i in range(args.workers)
         ]
         # batches are counted on the first worker's /metrics only (the overhead column)
@@ -279,7 +289,11 @@ def run_redis(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str,
         for index, processes in enumerate(args.api_processes):
             with Stack(out / "logs" / "redis" / f"api-{index}-{processes}") as apis:
                 settings = null_settings(
-                    model_dir, args.inference_nice, **queue, JLAD_API_PROCESSES=str(processes)
+                    model_dir,
+                    args.inference_nice,
+                    args.max_wait_ms,
+                    **queue,
+                    JLAD_API_PROCESSES=str(processes),
                 )
                 api, url = apis.api(f"api-{processes}p", settings)
                 groups = {
@@ -309,7 +323,10 @@ def run_redis(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str,
     ones = [r["saturation"]["ok_rps"] for r in runs if r["api_processes"] == 1]
     twos = [r["saturation"]["ok_rps"] for r in runs if r["api_processes"] == 2]
     ratio = (sum(twos) / len(twos)) / (sum(ones) / len(ones)) if ones and twos else None
-    return {"runs": runs, "two_over_one": ratio}
+    # measured after the services stopped, on the same cores: the most two processes of
+    # any software get out of them
+    host = two_process_scaling(seconds=args.host_seconds, rounds=2)
+    return {"runs": runs, "two_over_one": ratio, "host_two_process_scaling": host}
 
 
 def _c1_cells(one: dict[str, Any] | None) -> str:
@@ -382,6 +399,12 @@ def report(results: dict[str, Any]) -> str:
                 f"| 2 API processes / 1 (Redis queue) | {ratio:.2f} | >= {SCALING_TARGET} | "
                 f"{verdict} |"
             )
+        host = redis.get("host_two_process_scaling")
+        if host:
+            targets.append(
+                f"| this host: 2 CPU-bound Python processes / 1 (bench.host_scaling) | "
+                f"{host['two_over_one']:.2f} | reference | |"
+            )
     if targets:
         lines += ["", "| target | measured | limit | result |", "|---|---:|---:|---|", *targets]
     if cpu_lines:
@@ -412,7 +435,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--inference-nice", type=int, help="JLAD_INFERENCE_NICE of the services (default: theirs)"
     )
+    parser.add_argument(
+        "--max-wait-ms", type=float, help="JLAD_MAX_WAIT_MS of the services (default: theirs)"
+    )
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--host-seconds",
+        type=float,
+        default=3.0,
+        help="redis scenario: seconds of each round of bench.host_scaling",
+    )
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--profile", action="store_true", help="py-spy the API (local)")
     args = parser.parse_args(argv)

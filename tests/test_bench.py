@@ -606,6 +606,7 @@ def test_ceiling_measures_the_redis_queue_at_c1_and_at_saturation(tmp_path: Path
         [
             *("--out", str(tmp_path), "--scenarios", "redis", "--api-processes", "1"),
             *("--redis-concurrency", "4", "--seconds", "1", "--warmup", "0.5"),
+            *("--host-seconds", "0.3"),
         ]
     )
     (run,) = results["redis"]["runs"]
@@ -615,6 +616,22 @@ def test_ceiling_measures_the_redis_queue_at_c1_and_at_saturation(tmp_path: Path
     assert run["saturation"]["ok_rps"] > 0
     row = next(r for r in (tmp_path / "ceiling.md").read_text().splitlines() if "redis" in r)
     assert row.split("|")[2].strip(), "the c=1 columns of the Redis row are filled"
+    host = results["redis"]["host_two_process_scaling"]
+    assert (
+        host["two_over_one"] > 0
+        and "this host: 2 CPU-bound" in (tmp_path / "ceiling.md").read_text()
+    )
+
+
+def test_host_scaling_counts_the_work_of_one_and_of_two_concurrent_processes() -> None:
+    from bench.host_scaling import loop_iterations, two_process_scaling
+
+    one, two = loop_iterations(1, 0.3), loop_iterations(2, 0.3)
+    assert len(one) == 1 and len(two) == 2 and min(one + two) > 1000
+    result = two_process_scaling(seconds=0.3, rounds=1)
+    # two processes on one core do about the work of one; on two free cores about twice
+    assert 0.5 < result["two_over_one"] < 2.5
+    assert result["two_over_one"] == sum(result["two_processes"]) / sum(result["one_process"])
 
 
 def test_cost_ratios_time_every_line_against_the_bare_trunk(
