@@ -100,19 +100,11 @@ def position_moments(weights: Tensor, centres: Tensor) -> Tensor:
     ReduceSum took 1.19).
     """
     b, n, h, w = weights.shape
-    rows = moment_matrix(centres).transpose(0, 1)
-    return torch.matmul(rows, weights.reshape(b, n, h * w)).reshape(b, 3, h, w)
-
-
-def moment_matrix(centres: Tensor) -> Tensor:
-    """Cell centres (ht, wt, 2) -> (ht*wt, 3) rows (x, y, 1): a product with weights over
-    the cells gives the two weighted coordinate sums and the sum of the weights at once.
-
-    Built from `centres` alone (no traced shape), so that the exported graph holds it as one
-    constant, which int8 quantization must see as fixed (`quantize.similarity_products`).
-    """
+    # from `centres` alone (no traced shape): the exported graph holds the (3, N) matrix as
+    # one constant, which int8 quantization must see as fixed (`quantize.similarity_products`)
     ones = torch.ones_like(centres[..., :1])
-    return torch.cat([centres, ones], dim=-1).reshape(-1, 3)
+    rows = torch.cat([centres, ones], dim=-1).reshape(-1, 3).transpose(0, 1)
+    return torch.matmul(rows, weights.reshape(b, n, h * w)).reshape(b, 3, h, w)
 
 
 def reverse_mapping(scores: Tensor, beta: Tensor | float, grid_size: tuple[int, int]) -> Tensor:
