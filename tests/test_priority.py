@@ -69,10 +69,13 @@ def test_engine_pool_threads_run_at_the_lower_priority(model_dir: Path) -> None:
         intra_op_threads=2,
         nice=4,
     )
-    started = thread_ids() - before
+    niceness = {t: thread_nice(t) for t in thread_ids() - before}
+    # A short-lived thread of something else in the process (started during the load) may
+    # end before its nice value is read; the sessions' pool threads live with the engine.
+    alive = {t: n for t, n in niceness.items() if n is not None or t in thread_ids()}
     # ONNX Runtime starts one pool thread per session beside the caller (3 graphs)
-    assert len(started) >= 3, started
-    assert {thread_nice(t) for t in started} == {expected(4)}
+    assert len(alive) >= 3, niceness
+    assert set(alive.values()) == {expected(4)}, niceness
     assert engine.models["faces"].sessions["backbone"] is not None
 
 
